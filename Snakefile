@@ -1,0 +1,18 @@
+# dfml-bench workflow: recipes -> zoos -> method runs -> summary.csv -> tables.
+# Thin on purpose: the rules live in dfml_bench/workflow/*.smk and call the package CLI.
+#   snakemake --cores all                               # default config (embedded data)
+#   snakemake --cores all --configfile config/real-data.yaml
+
+configfile: "config/default.yaml"
+
+
+include: "dfml_bench/workflow/common.smk"
+include: "dfml_bench/workflow/zoo.smk"
+include: "dfml_bench/workflow/runs.smk"
+include: "dfml_bench/workflow/report.smk"
+
+
+rule all:
+    input:
+        rules.tables.output,
+    default_target: True

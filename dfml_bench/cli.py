@@ -1,0 +1,171 @@
+"""`dfml-bench` command line: thin wrappers over the package, one line per user error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dfml_bench.errors import DfmlError
+
+
+def _cmd_datasets(args: argparse.Namespace) -> None:
+    from dfml_bench.data import dataset_entry, dataset_names, load_dataset
+
+    if args.action == "list":
+        for name in dataset_names():
+            entry = dataset_entry(name)
+            kind = "embedded" if entry.embedded else "needs data root"
+            print(f"{name:28s} {entry.default_image_size:>3d}px  {kind:16s} {entry.description}")
+        return
+    dataset = load_dataset(
+        args.name, args.image_size, data_root=args.data_root, cache_dir=args.cache_dir
+    )
+    for split_name, split in dataset.splits.items():
+        print(
+            f"{dataset.name} {dataset.image_size}px {split_name}: {split.num_classes} classes, "
+            f"{len(split.labels)} images"
+        )
+
+
+def _cmd_zoo(args: argparse.Namespace) -> None:
+    from dfml_bench.runner import resolve_device
+    from dfml_bench.zoo.recipe import load_recipe
+    from dfml_bench.zoo.train import train_zoo
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path(args.results_dir) / "zoo" / recipe.name
+    zoo = train_zoo(
+        recipe,
+        out,
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        device=resolve_device(args.device),
+        progress=not args.quiet,
+    )
+    accuracies = [t.heldout_accuracy for t in zoo.teachers]
+    print(
+        f"zoo {recipe.name}: {len(zoo.teachers)} teachers in {out}, held-out accuracy "
+        f"{min(accuracies):.1f}-{max(accuracies):.1f}%"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from dfml_bench.config import RunSpec, load_workflow_config, run_spec
+    from dfml_bench.runner import execute_run
+    from dfml_bench.validation import validate_model
+
+    if args.spec:
+        try:
+            raw = json.loads(args.spec)
+        except json.JSONDecodeError as error:
+            raise DfmlError(f"--spec is not valid JSON: {error}") from None
+        spec = validate_model(RunSpec, raw, "run spec")
+    else:
+        missing = [
+            flag for flag in ("config", "scenario", "method", "shots") if not getattr(args, flag)
+        ]
+        if missing:
+            raise DfmlError(f"run needs --spec JSON or --{', --'.join(missing)}")
+        config = load_workflow_config(args.config)
+        spec = run_spec(config, args.scenario, args.method, args.shots, args.seed)
+    for path in execute_run(spec, progress=not args.quiet):
+        record = json.loads(path.read_text())
+        print(
+            f"{record['scenario']} {record['method']} {record['shots']}-shot seed {record['seed']}"
+            f" [{record['protocol']}]: {record['acc_mean']:.2f} ± {record['acc_ci95']:.2f}"
+            f" -> {path}"
+        )
+
+
+def _cmd_collect(args: argparse.Namespace) -> None:
+    from dfml_bench.reporting.collect import collect
+
+    print(collect(args.results_dir, args.output))
+
+
+def _cmd_table(args: argparse.Namespace) -> None:
+    from dfml_bench.reporting.tables import write_tables
+
+    summary = Path(args.summary or Path(args.results_dir) / "summary.csv")
+    out = Path(args.out or Path(args.results_dir) / "tables")
+    for path in write_tables(summary, out):
+        print(path)
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from dfml_bench.methods import method_class, method_names
+
+    for name in method_names():
+        cls = method_class(name)
+        note = "same-architecture zoos only" if cls.same_architecture_only else "any zoo"
+        print(f"{name:12s} {note}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfml-bench", description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-root", help="folder with real datasets (default: $DFML_DATA_ROOT)")
+        p.add_argument("--cache-dir", help="decoded-dataset cache (default: $DFML_CACHE_DIR)")
+
+    datasets = sub.add_parser("datasets", help="list datasets or build one's cache")
+    datasets.add_argument("action", choices=["list", "prepare"])
+    datasets.add_argument("name", nargs="?", default="glyphs")
+    datasets.add_argument("--image-size", type=int)
+    data_options(datasets)
+    datasets.set_defaults(handler=_cmd_datasets)
+
+    zoo = sub.add_parser("zoo", help="pre-train a model zoo from a recipe")
+    zoo.add_argument("action", choices=["train"])
+    zoo.add_argument("recipe", help="model_zoo_recipes/NAME.yaml")
+    zoo.add_argument("--out", help="zoo folder (default: RESULTS/zoo/<recipe name>)")
+    zoo.add_argument("--results-dir", default="results")
+    zoo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    data_options(zoo)
+    zoo.set_defaults(handler=_cmd_zoo)
+
+    run = sub.add_parser("run", help="meta-train one method and evaluate it (writes records)")
+    run.add_argument("--spec", help="full run spec as JSON (what the Snakefile passes)")
+    run.add_argument("--config", help="workflow config YAML, with the four options below")
+    run.add_argument("--scenario")
+    run.add_argument("--method")
+    run.add_argument("--shots", type=int)
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(handler=_cmd_run)
+
+    collect = sub.add_parser("collect", help="gather run records into summary.csv")
+    collect.add_argument("--results-dir", default="results")
+    collect.add_argument("--output")
+    collect.set_defaults(handler=_cmd_collect)
+
+    table = sub.add_parser("table", help="write Markdown and LaTeX tables per scenario")
+    table.add_argument("--results-dir", default="results")
+    table.add_argument("--summary")
+    table.add_argument("--out")
+    table.set_defaults(handler=_cmd_table)
+
+    methods = sub.add_parser("methods", help="list registered methods")
+    methods.set_defaults(handler=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except DfmlError as error:
+        print(f"dfml-bench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfml-bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Workflow configs (config/*.yaml) and the per-run spec derived from them.
+
+The Snakefile and `dfml-bench run --config` both go through `run_spec`, so a run started by hand
+and a run started by the workflow are configured identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dfml_bench.errors import ConfigError
+from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.methods.base import MetaModelSpec
+from dfml_bench.validation import validate_model
+from dfml_bench.zoo.recipe import SAFE_NAME
+
+SCENARIO_LABELS = ("SS", "SH", "MH")
+
+
+class ScenarioConfig(BaseModel):
+    """One scenario: which zoo recipe provides the teachers and which methods run on it."""
+
+    model_config = ConfigDict(extra="forbid")
+    label: Literal["SS", "SH", "MH"] | None = None  # table it belongs to; default: name prefix
+    recipe: str
+    methods: list[str] = Field(min_length=1)
+    meta_model: MetaModelSpec | None = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _safe_recipe(cls, name: str) -> str:
+        if not SAFE_NAME.match(name):
+            raise ValueError("a recipe name (file stem in model_zoo_recipes/), not a path")
+        return name
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        from dfml_bench.methods import method_names
+
+        unknown = sorted(set(names) - set(method_names()))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; registered: {method_names()}")
+        return names
+
+
+class WorkflowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    results_dir: str = "results"
+    recipes_dir: str = "model_zoo_recipes"
+    data_root: str | None = None
+    cache_dir: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ways: int = Field(5, ge=2)
+    shots: list[int] = Field(default=[1, 5], min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    meta_model: MetaModelSpec = Field(default_factory=MetaModelSpec)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    scenarios: dict[str, ScenarioConfig] = Field(min_length=1)
+    method_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("scenarios")
+    @classmethod
+    def _safe_scenario_names(
+        cls, scenarios: dict[str, ScenarioConfig]
+    ) -> dict[str, ScenarioConfig]:
+        bad = [name for name in scenarios if not SAFE_NAME.match(name)]
+        if bad:
+            raise ValueError(f"scenario names {bad} must be plain names (they name folders)")
+        for name, entry in scenarios.items():
+            prefix = name[:2].upper()
+            if entry.label is None and prefix not in SCENARIO_LABELS:
+                raise ValueError(f"scenario {name!r} needs label: SS, SH or MH")
+            entry.label = entry.label or prefix
+        return scenarios
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, shots: list[int]) -> list[int]:
+        if any(k < 1 for k in shots):
+            raise ValueError("shots must be >= 1")
+        return shots
+
+    @model_validator(mode="after")
+    def _evaluation_ways_match(self) -> WorkflowConfig:
+        self.evaluation.ways = self.ways
+        return self
+
+
+class RunSpec(BaseModel):
+    """Everything one (scenario, method, shots, seed) run needs; stored in its record."""
+
+    model_config = ConfigDict(extra="forbid")
+    scenario: str
+    scenario_label: Literal["SS", "SH", "MH"]
+    method: str
+    method_settings: dict[str, Any]
+    ways: int
+    shots: int
+    seed: int
+    zoo_dir: str
+    run_dir: str
+    meta_model: MetaModelSpec
+    evaluation: EvaluationSettings
+    data_root: str | None
+    cache_dir: str | None
+    device: Literal["auto", "cpu", "cuda"]
+
+
+def load_workflow_config(path: Path | str) -> WorkflowConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {path} not found; see config/default.yaml for an example")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}".replace("\n", " ")) from None
+    return parse_workflow_config(raw, f"config {path}")
+
+
+def parse_workflow_config(raw: object, what: str = "config") -> WorkflowConfig:
+    return validate_model(WorkflowConfig, raw, what)
+
+
+def zoo_dir(config: WorkflowConfig, recipe: str) -> str:
+    return f"{config.results_dir}/zoo/{recipe}"
+
+
+def run_dir(config: WorkflowConfig, scenario: str, method: str, shots: int, seed: int) -> str:
+    return f"{config.results_dir}/runs/{scenario}/{method}/{shots}shot/seed{seed}"
+
+
+def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, seed: int) -> RunSpec:
+    if scenario not in config.scenarios:
+        raise ConfigError(
+            f"scenario {scenario!r} is not in the config ({', '.join(config.scenarios)})"
+        )
+    entry = config.scenarios[scenario]
+    if method not in entry.methods:
+        raise ConfigError(f"method {method!r} is not configured for scenario {scenario!r}")
+    return RunSpec(
+        scenario=scenario,
+        scenario_label=entry.label,
+        method=method,
+        method_settings=config.method_settings.get(method, {}),
+        ways=config.ways,
+        shots=shots,
+        seed=seed,
+        zoo_dir=zoo_dir(config, entry.recipe),
+        run_dir=run_dir(config, scenario, method, shots, seed),
+        meta_model=entry.meta_model or config.meta_model,
+        evaluation=config.evaluation,
+        data_root=config.data_root,
+        cache_dir=config.cache_dir,
+        device=config.device,
+    )
+
+
+def all_runs(config: WorkflowConfig) -> list[tuple[str, str, int, int]]:
+    """Every (scenario, method, shots, seed) the config asks for."""
+    return [
+        (scenario, method, shots, seed)
+        for scenario, entry in config.scenarios.items()
+        for method in entry.methods
+        for shots in config.shots
+        for seed in config.seeds
+    ]

@@ -1,0 +1,1 @@
+"""Meta-test harness: seeded episodes, fine-tuning, confidence intervals."""

@@ -1,0 +1,104 @@
+"""Meta-test: fine-tune the meta-model on each episode's support set, score its queries.
+
+The harness owns the episodes (seeded by the run seed, never by the method), so every method is
+evaluated on exactly the same tasks and comparisons are paired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfml_bench.data.base import FewShotDataset
+from dfml_bench.data.sampler import EpisodeSampler
+from dfml_bench.evaluation.adaptation import finetune, parameters_of
+from dfml_bench.evaluation.stats import mean_ci95
+
+VAL_SEED_OFFSET = 10_007  # meta-val episodes never coincide with meta-test episodes
+
+
+class EvaluationSettings(BaseModel):
+    """How test tasks are drawn and how the meta-model adapts to each one."""
+
+    model_config = ConfigDict(extra="forbid")
+    ways: int = Field(5, ge=2)
+    episodes: int = Field(600, ge=2)
+    val_episodes: int = Field(200, ge=2)
+    queries: int = Field(15, ge=1)
+    inner_steps: int = Field(10, ge=0)
+    inner_lr: float = Field(0.01, gt=0)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    dataset: str
+    split: str
+    accuracies: torch.Tensor  # per-episode accuracy in percent
+    mean: float
+    ci95: float
+
+    @property
+    def episodes(self) -> int:
+        return int(self.accuracies.numel())
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: FewShotDataset,
+    split: str,
+    shots: int,
+    settings: EvaluationSettings,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Mean accuracy (percent) and 95% CI over seeded episodes of `dataset`'s `split`.
+
+    `model` must use batch statistics in BatchNorm (see `use_batch_statistics`) and have a head
+    of `settings.ways` outputs; images are resized when the model expects another size.
+    """
+    episodes = settings.episodes if split == "test" else settings.val_episodes
+    episode_seed = seed if split == "test" else seed + VAL_SEED_OFFSET
+    sampler = EpisodeSampler(
+        dataset.split(split), settings.ways, shots, settings.queries, episodes, episode_seed
+    )
+    model = model.to(device).train()
+    init = parameters_of(model)
+    image_size = getattr(model, "image_size", dataset.image_size)
+    accuracies = torch.empty(episodes, dtype=torch.float64)
+    iterator = tqdm(
+        sampler, desc=f"{dataset.name}/{split} {shots}-shot", disable=not progress, leave=False
+    )
+    for index, episode in enumerate(iterator):
+        support = _prepare(dataset, episode.support_images, image_size, device)
+        query = _prepare(dataset, episode.query_images, image_size, device)
+        adapted = finetune(
+            model,
+            init,
+            support,
+            episode.support_labels.to(device),
+            settings.inner_steps,
+            settings.inner_lr,
+        )
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, adapted, (query,))
+        correct = (logits.argmax(dim=1).cpu() == episode.query_labels).double().mean()
+        accuracies[index] = 100.0 * correct
+    mean, ci95 = mean_ci95(accuracies)
+    return EvaluationResult(dataset.name, split, accuracies, mean, ci95)
+
+
+def _prepare(
+    dataset: FewShotDataset, images: torch.Tensor, image_size: int, device: torch.device
+) -> torch.Tensor:
+    images = dataset.normalize(images.to(device))
+    if images.shape[-1] != image_size:
+        images = F.interpolate(
+            images, size=image_size, mode="bilinear", antialias=True, align_corners=False
+        )
+    return images

@@ -1,0 +1,125 @@
+"""The method interface: meta-train on a zoo, yield meta-model checkpoints; the harness evaluates.
+
+A method never sees test data and never samples test episodes; it only turns a zoo (and a budget)
+into meta-model initialisations. Registration is by name, so configs and tables use that name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from dfml_bench.errors import DfmlError
+from dfml_bench.zoo.manifest import Zoo
+
+
+class MetaModelSpec(BaseModel):
+    """The model every method produces and the harness fine-tunes."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str = "conv4"
+    image_size: int = 32
+
+
+@dataclass
+class MetaTrainContext:
+    zoo: Zoo
+    meta_model: MetaModelSpec
+    ways: int
+    shots: int
+    seed: int
+    device: torch.device
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A meta-model snapshot to evaluate. `model` must use batch-statistics BatchNorm."""
+
+    iteration: int
+    model: nn.Module
+
+
+@dataclass
+class MethodTimings:
+    """Seconds a method spent recovering data (inversion) vs. all of its meta-training."""
+
+    recovery_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class of every DFML method; subclasses declare `name` and settings."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]]
+    same_architecture_only: ClassVar[bool] = False
+    data_free: ClassVar[bool] = True
+
+    def __init__(self, settings: BaseModel) -> None:
+        self.settings = settings
+        self.timings = MethodTimings()
+
+    def check_zoo(self, context: MetaTrainContext) -> None:
+        """Refuse zoos the method cannot use, with a message that says why."""
+        if not self.same_architecture_only:
+            return
+        architectures = context.zoo.architectures
+        if architectures != [context.meta_model.architecture]:
+            raise DfmlError(
+                f"method {self.name!r} fuses parameters, so it needs a zoo of one architecture "
+                f"equal "
+                f"to the meta-model ({context.meta_model.architecture}); zoo "
+                f"{context.zoo.manifest.recipe_name!r} has {', '.join(architectures)}"
+            )
+        sizes = {teacher.image_size for teacher in context.zoo.teachers}
+        if sizes != {context.meta_model.image_size}:
+            raise DfmlError(
+                f"method {self.name!r} needs teachers at the meta-model's image size "
+                f"{context.meta_model.image_size}; zoo has {sorted(sizes)}"
+            )
+
+    @abstractmethod
+    def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
+        """Yield checkpoints (periodically, for the paper protocol); the last one is final."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    _import_builtin_methods()
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    _import_builtin_methods()
+    if name not in _METHODS:
+        raise DfmlError(
+            f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}"
+        )
+    return _METHODS[name]
+
+
+def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
+    from dfml_bench.validation import validate_model
+
+    cls = method_class(name)
+    return cls(validate_model(cls.Settings, settings or {}, f"settings of method {name!r}"))
+
+
+def _import_builtin_methods() -> None:
+    from dfml_bench.methods import average, random_init  # noqa: F401

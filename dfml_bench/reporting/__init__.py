@@ -1,0 +1,1 @@
+"""From run records to summary.csv and paper-style tables."""

@@ -1,0 +1,68 @@
+"""Gather every run record under results/runs into one flat summary.csv."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from dfml_bench import atomic
+from dfml_bench.errors import DfmlError
+
+SUMMARY_COLUMNS = [
+    "scenario",
+    "dataset",
+    "method",
+    "backbone",
+    "ways",
+    "shots",
+    "seed",
+    "protocol",
+    "acc_mean",
+    "acc_ci95",
+    "episodes",
+    "meta_train_s",
+    "recovery_s",
+    "eval_s",
+    "checkpoints_evaluated",
+    "iteration",
+    "data_free",
+    "stand_in_for",
+    "device",
+    "torch",
+    "git_commit",
+    "record",
+]
+
+
+def read_records(results_dir: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted((results_dir / "runs").glob("**/record-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DfmlError(
+                f"run record {path} is not valid JSON ({error}); rerun that run"
+            ) from None
+        env = record.get("environment", {})
+        rows.append(
+            {
+                **{key: record.get(key) for key in SUMMARY_COLUMNS},
+                "device": env.get("device"),
+                "torch": env.get("packages", {}).get("torch"),
+                "git_commit": env.get("git_commit"),
+                "record": str(path.relative_to(results_dir)),
+            }
+        )
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def collect(results_dir: Path | str, output: Path | str | None = None) -> Path:
+    results_dir = Path(results_dir)
+    frame = read_records(results_dir)
+    if frame.empty:
+        raise DfmlError(f"no run records under {results_dir / 'runs'}; run the workflow first")
+    frame = frame.sort_values(["scenario", "dataset", "method", "shots", "seed", "protocol"])
+    target = Path(output) if output else results_dir / "summary.csv"
+    return atomic.write_with(target, lambda tmp: frame.to_csv(tmp, index=False))

@@ -1,0 +1,24 @@
+"""Turn pydantic validation failures into one user-facing line that lists every bad field."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from dfml_bench.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_model(model: type[ModelT], raw: object, what: str) -> ModelT:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} must be a mapping of settings, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or '(top level)'}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        raise ConfigError(f"{what} is invalid: {problems}") from None

@@ -1,0 +1,29 @@
+# Validated config and helpers shared by the rules.
+import os
+import sys
+
+from dfml_bench.config import all_runs, parse_workflow_config, run_spec, zoo_dir
+from dfml_bench.errors import DfmlError
+
+try:
+    CFG = parse_workflow_config(config, "workflow config")
+except DfmlError as error:
+    raise WorkflowError(str(error)) from None
+
+RESULTS = CFG.results_dir
+RUNS = all_runs(CFG)
+LABELS = sorted({CFG.scenarios[scenario].label.lower() for scenario, *_ in RUNS})
+DFML = f'"{sys.executable}" -m dfml_bench --quiet'
+DATA_OPTIONS = " ".join(
+    f"--{flag} {value}"
+    for flag, value in (("data-root", CFG.data_root), ("cache-dir", CFG.cache_dir))
+    if value
+)
+
+
+def run_folder(scenario, method, shots, seed):
+    return f"{RESULTS}/runs/{scenario}/{method}/{shots}shot/seed{seed}"
+
+
+def recipe_file(recipe):
+    return f"{workflow.basedir}/{CFG.recipes_dir}/{recipe}.yaml"

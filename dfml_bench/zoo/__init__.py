@@ -1,0 +1,1 @@
+"""Model zoos: recipes -> pre-trained teachers + manifest."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny in-process dataset, a hermetic cache, the real-data root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfml_bench.data import ClassSplit, FewShotDataset, register_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = "test-toy"
+
+
+def _toy_split(num_classes: int, per_class: int, offset: int, size: int) -> ClassSplit:
+    """Each class is a fixed random colour pattern plus noise: learnable in a few steps."""
+    generator = torch.Generator().manual_seed(1000 + offset)
+    patterns = torch.rand(num_classes, 3, size, size, generator=generator) * 255
+    noise = torch.randn(num_classes, per_class, 3, size, size, generator=generator) * 40
+    images = (patterns[:, None] + noise).clamp(0, 255).to(torch.uint8).flatten(0, 1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    names = tuple(f"toy{offset + c}" for c in range(num_classes))
+    return ClassSplit(images, labels, names)
+
+
+@register_dataset(TOY, default_image_size=32, embedded=True, description="test-only toy data")
+def _load_toy(data_root: Path | None, image_size: int, cache_dir: Path) -> FewShotDataset:
+    splits = {
+        "train": _toy_split(12, 30, 0, image_size),
+        "val": _toy_split(6, 25, 100, image_size),
+        "test": _toy_split(6, 25, 200, image_size),
+    }
+    return FewShotDataset(TOY, image_size, splits, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated/decoded data goes to one cache per test session, never the user's cache."""
+    cache = Path(os.environ.get("DFML_TEST_CACHE_DIR") or tmp_path_factory.mktemp("cache"))
+    os.environ["DFML_CACHE_DIR"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    root = Path(os.environ.get("DFML_DATA_ROOT") or REPO.parent / "shared" / "data")
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root}; set DFML_DATA_ROOT to run these tests")
+    return root

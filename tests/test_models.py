@@ -1,0 +1,38 @@
+import pytest
+import torch
+from torch.func import functional_call
+
+from dfml_bench.errors import DfmlError
+from dfml_bench.models import architecture_names, build_model
+
+
+@pytest.mark.parametrize("architecture", ["conv4", "conv4-gap", "resnet10", "resnet18"])
+@pytest.mark.parametrize("image_size", [32, 84])
+def test_forward_shapes(architecture: str, image_size: int) -> None:
+    model = build_model(architecture, num_classes=5, image_size=image_size).eval()
+    logits = model(torch.randn(2, 3, image_size, image_size))
+    assert logits.shape == (2, 5)
+    assert model.embed(torch.randn(2, 3, image_size, image_size)).shape == (2, model.feature_dim)
+
+
+def test_conv4_has_32_filters_and_flatten_head() -> None:
+    model = build_model("conv4", 5, 84)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 32, 32]
+    assert model.head.in_features == 32 * 5 * 5
+
+
+def test_functional_call_matches_module() -> None:
+    model = build_model("resnet10", 5, 32).eval()
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    images = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(
+        functional_call(model, {**params, **buffers}, (images,)), model(images)
+    )
+
+
+def test_unknown_architecture_is_a_clear_error() -> None:
+    with pytest.raises(DfmlError, match="unknown architecture 'vgg'"):
+        build_model("vgg", 5, 32)
+    assert {"conv4", "resnet10", "resnet18"} <= set(architecture_names())

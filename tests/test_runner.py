@@ -1,0 +1,106 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dfml_bench.config import RunSpec
+from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.methods import MetaModelSpec
+from dfml_bench.reporting.collect import collect
+from dfml_bench.reporting.tables import write_tables
+from dfml_bench.runner import execute_run
+from dfml_bench.zoo.recipe import ZooRecipe
+from dfml_bench.zoo.train import train_zoo
+from tests.conftest import TOY
+
+
+@pytest.fixture(scope="module")
+def toy_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    recipe = ZooRecipe(
+        name="toy",
+        datasets=[TOY],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=2,
+        classes_per_teacher=5,
+        epochs=2,
+        batch_size=32,
+    )
+    directory = tmp_path_factory.mktemp("zoo")
+    train_zoo(recipe, directory, progress=False)
+    return directory
+
+
+def spec_for(method: str, zoo_dir: Path, run_dir: Path, shots: int = 1, seed: int = 0) -> RunSpec:
+    return RunSpec(
+        scenario="ss",
+        scenario_label="SS",
+        method=method,
+        method_settings={},
+        ways=5,
+        shots=shots,
+        seed=seed,
+        zoo_dir=str(zoo_dir),
+        run_dir=str(run_dir),
+        meta_model=MetaModelSpec(),
+        evaluation=EvaluationSettings(episodes=30, val_episodes=20, queries=5),
+        data_root=None,
+        cache_dir=None,
+        device="cpu",
+    )
+
+
+def test_run_writes_both_protocol_records(toy_zoo_dir: Path, tmp_path: Path) -> None:
+    paths = execute_run(spec_for("average", toy_zoo_dir, tmp_path / "run"), progress=False)
+    assert sorted(p.name for p in paths) == ["record-clean.json", "record-paper.json"]
+    record = json.loads(paths[0].read_text())
+    for key in (
+        "scenario",
+        "dataset",
+        "method",
+        "backbone",
+        "ways",
+        "shots",
+        "seed",
+        "protocol",
+        "acc_mean",
+        "acc_ci95",
+        "episodes",
+        "meta_train_s",
+        "recovery_s",
+        "spec",
+        "environment",
+    ):
+        assert key in record, key
+    assert record["episodes"] == 30 and record["recovery_s"] == 0
+    assert 0 <= record["acc_mean"] <= 100 and record["acc_ci95"] >= 0
+    assert "torch" in record["environment"]["packages"]
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_runs_are_deterministic_and_paired(toy_zoo_dir: Path, tmp_path: Path) -> None:
+    first = execute_run(spec_for("random", toy_zoo_dir, tmp_path / "a"), progress=False)
+    second = execute_run(spec_for("random", toy_zoo_dir, tmp_path / "b"), progress=False)
+    a, b = (json.loads(p[0].read_text()) for p in (first, second))
+    assert a["acc_mean"] == b["acc_mean"] and a["acc_ci95"] == b["acc_ci95"]
+
+
+def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    for method in ("random", "average"):
+        for shots in (1, 5):
+            run_dir = results / "runs" / "ss" / method / f"{shots}shot" / "seed0"
+            execute_run(spec_for(method, toy_zoo_dir, run_dir, shots), progress=False)
+    summary = collect(results)
+    import pandas as pd
+
+    frame = pd.read_csv(summary)
+    assert len(frame) == 8 and set(frame["protocol"]) == {"paper", "clean"}
+    assert set(frame["method"]) == {"random", "average"}
+    written = write_tables(summary, results / "tables")
+    markdown = (results / "tables" / "ss.md").read_text()
+    assert "random" in markdown and "average" in markdown and "**" in markdown
+    assert "1-shot" in markdown and "5-shot" in markdown
+    latex = (results / "tables" / "ss.tex").read_text()
+    assert r"\toprule" in latex and r"\textbf" in latex
+    assert len(written) == 2
