@@ -67,7 +67,8 @@ def evaluate(
     sampler = EpisodeSampler(
         dataset.split(split), settings.ways, shots, settings.queries, episodes, episode_seed
     )
-    model = model.to(device).train()
+    # channels_last: BatchNorm and convolutions on CPU run about 2x faster in NHWC
+    model = model.to(device, memory_format=torch.channels_last).train()
     init = parameters_of(model)
     image_size = getattr(model, "image_size", dataset.image_size)
     accuracies = torch.empty(episodes, dtype=torch.float64)
@@ -101,4 +102,4 @@ def _prepare(
         images = F.interpolate(
             images, size=image_size, mode="bilinear", antialias=True, align_corners=False
         )
-    return images
+    return images.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,25 @@
+"""Model inversion: losses that synthesise pseudo images from a teacher's weights alone."""
+
+from dfml_bench.inversion.deepinversion import (
+    BNStatistics,
+    DeepInversionWeights,
+    InversionLoss,
+    bn_feature_statistics,
+    deep_inversion_loss,
+    deep_inversion_loss_over_teachers,
+    l2_prior,
+    random_jitter,
+    total_variation,
+)
+
+__all__ = [
+    "BNStatistics",
+    "DeepInversionWeights",
+    "InversionLoss",
+    "bn_feature_statistics",
+    "deep_inversion_loss",
+    "deep_inversion_loss_over_teachers",
+    "l2_prior",
+    "random_jitter",
+    "total_variation",
+]
