@@ -16,7 +16,7 @@ from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.environment import environment
 from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
-from dfml_bench.methods import Checkpoint, MetaTrainContext, create_method
+from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, create_method
 from dfml_bench.zoo.manifest import Zoo
 
 PROTOCOLS = ("paper", "clean")
@@ -65,8 +65,12 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
     ]
     method = create_method(spec.method, spec.method_settings)
     context = MetaTrainContext(
-        zoo, spec.meta_model, spec.ways, spec.shots, spec.seed, device, progress
+        zoo, spec.meta_model, spec.ways, spec.shots, spec.seed, device, progress, Path(spec.run_dir)
     )
+
+    reason = method.inapplicable_reason(context)
+    if reason is not None:
+        return _write_inapplicable(spec, zoo, datasets, method, device, reason)
 
     checkpoints: list[Checkpoint] = []
     scores: list[CheckpointScore] = []
@@ -94,7 +98,77 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
 
     paper = max(scores, key=lambda score: score.test_mean)
     clean = scores[0] if len(scores) == 1 else max(scores, key=lambda score: score.val_mean)
-    common = {
+    icfil = method.uses_icfil or spec.evaluation.icfil.enabled
+    plain: dict[int, CheckpointScore] = {}
+    if icfil:  # selection on plain fine-tuning; ICFIL only at the selected checkpoint(s)
+        started = time.perf_counter()
+        calibrated: dict[int, CheckpointScore] = {}
+        for chosen in {paper.iteration: paper, clean.iteration: clean}.values():
+            checkpoint = next(c for c in checkpoints if c.iteration == chosen.iteration)
+            test = [
+                _evaluate(checkpoint, d, "test", spec, device, progress, icfil=True)
+                for d in datasets
+            ]
+            calibrated[chosen.iteration] = CheckpointScore(chosen.iteration, test, chosen.val)
+            plain[chosen.iteration] = chosen
+        paper, clean = calibrated[paper.iteration], calibrated[clean.iteration]
+        eval_seconds += time.perf_counter() - started
+    common = _common_fields(spec, zoo, datasets, method, device) | {
+        "meta_train_s": round(meta_train_seconds, 3),
+        "recovery_s": round(method.timings.recovery_seconds, 3),
+        "eval_s": round(eval_seconds, 3),
+        "method_timings": method.timings.extra,
+        "checkpoints_evaluated": len(scores),
+    }
+    written = []
+    for protocol, chosen in (("paper", paper), ("clean", clean)):
+        record = dict(common, protocol=protocol, icfil=icfil, **_summarise(chosen))
+        if icfil:
+            record["acc_mean_without_icfil"] = round(plain[chosen.iteration].test_mean, 4)
+            record["icfil_s_per_task"] = round(
+                sum(r.icfil_seconds_per_task or 0.0 for r in chosen.test) / len(chosen.test), 4
+            )
+        record["selection"] = (
+            "max meta-test accuracy over checkpoints (test-set selection, as the papers)"
+            if protocol == "paper"
+            else "checkpoint with the best meta-val accuracy"
+            if len(scores) > 1
+            else "single checkpoint (nothing to select)"
+        ) + ("; selected on plain fine-tuning, then evaluated with ICFIL" if icfil else "")
+        written.append(atomic.write_json(record_path(spec.run_dir, protocol), record))
+    return written
+
+
+def _write_inapplicable(
+    spec: RunSpec,
+    zoo: Zoo,
+    datasets: list[FewShotDataset],
+    method: Method,
+    device: torch.device,
+    reason: str,
+) -> list[Path]:
+    """Records without accuracy, so the table shows an em dash instead of silently no row."""
+    common = _common_fields(spec, zoo, datasets, method, device) | {
+        "applicable": False,
+        "reason": reason,
+        "acc_mean": None,
+        "acc_ci95": None,
+        "episodes": 0,
+    }
+    return [
+        atomic.write_json(record_path(spec.run_dir, protocol), dict(common, protocol=protocol))
+        for protocol in PROTOCOLS
+    ]
+
+
+def _common_fields(
+    spec: RunSpec,
+    zoo: Zoo,
+    datasets: list[FewShotDataset],
+    method: Method,
+    device: torch.device,
+) -> dict[str, object]:
+    return {
         "scenario": spec.scenario_label.lower(),
         "scenario_key": spec.scenario,
         "dataset": _dataset_label(datasets),
@@ -106,11 +180,7 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
         "ways": spec.ways,
         "shots": spec.shots,
         "seed": spec.seed,
-        "meta_train_s": round(meta_train_seconds, 3),
-        "recovery_s": round(method.timings.recovery_seconds, 3),
-        "eval_s": round(eval_seconds, 3),
-        "method_timings": method.timings.extra,
-        "checkpoints_evaluated": len(scores),
+        "applicable": True,
         "zoo": {
             "recipe": zoo.manifest.recipe_name,
             "recipe_hash": zoo.manifest.recipe_hash,
@@ -121,18 +191,6 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
         "environment": environment(device),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    written = []
-    for protocol, chosen in (("paper", paper), ("clean", clean)):
-        record = dict(common, protocol=protocol, **_summarise(chosen))
-        record["selection"] = (
-            "max meta-test accuracy over checkpoints (test-set selection, as the papers)"
-            if protocol == "paper"
-            else "checkpoint with the best meta-val accuracy"
-            if len(scores) > 1
-            else "single checkpoint (nothing to select)"
-        )
-        written.append(atomic.write_json(record_path(spec.run_dir, protocol), record))
-    return written
 
 
 def _evaluate(
@@ -142,9 +200,18 @@ def _evaluate(
     spec: RunSpec,
     device: torch.device,
     progress: bool,
+    icfil: bool = False,
 ) -> EvaluationResult:
     return evaluate(
-        checkpoint.model, dataset, split, spec.shots, spec.evaluation, spec.seed, device, progress
+        checkpoint.model,
+        dataset,
+        split,
+        spec.shots,
+        spec.evaluation,
+        spec.seed,
+        device,
+        progress,
+        icfil=icfil,
     )
 
 

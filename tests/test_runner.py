@@ -104,3 +104,36 @@ def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
     latex = (results / "tables" / "ss.tex").read_text()
     assert r"\toprule" in latex and r"\textbf" in latex
     assert len(written) == 2
+
+
+def test_inapplicable_method_gets_an_em_dash_not_a_number(tmp_path: Path) -> None:
+    mixed = ZooRecipe(
+        name="mixed",
+        datasets=[TOY],
+        image_size=32,
+        architectures=["conv4", "resnet10"],
+        teachers_per_dataset=2,
+        classes_per_teacher=5,
+        epochs=1,
+        batch_size=32,
+    )
+    zoo_dir = tmp_path / "zoo"
+    train_zoo(mixed, zoo_dir, progress=False)
+    results = tmp_path / "results"
+    for method in ("random", "average"):
+        run_dir = results / "runs" / "sh" / method / "1shot" / "seed0"
+        spec = spec_for(method, zoo_dir, run_dir).model_copy(
+            update={"scenario": "sh", "scenario_label": "SH"}
+        )
+        execute_run(spec, progress=False)
+    record = json.loads((results / "runs/sh/average/1shot/seed0/record-clean.json").read_text())
+    assert record["applicable"] is False and record["acc_mean"] is None
+    assert "one architecture" in record["reason"]
+    write_tables(collect(results), results / "tables")
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (results / "tables" / "sh.md").read_text().splitlines()
+        if line.startswith("| ")
+    }
+    assert "—" in rows["average"] and "±" not in rows["average"]
+    assert "±" in rows["random"]

@@ -6,6 +6,7 @@ evaluated on exactly the same tasks and comparisons are paired.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,11 @@ from tqdm.auto import tqdm
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.data.sampler import EpisodeSampler
 from dfml_bench.evaluation.adaptation import finetune, parameters_of
+from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
 from dfml_bench.evaluation.stats import mean_ci95
 
 VAL_SEED_OFFSET = 10_007  # meta-val episodes never coincide with meta-test episodes
+ICFIL_SEED_OFFSET = 0x1CF1  # ICFIL's pseudo-image generator: a stream apart from the sampler's
 
 
 class EvaluationSettings(BaseModel):
@@ -32,6 +35,7 @@ class EvaluationSettings(BaseModel):
     queries: int = Field(15, ge=1)
     inner_steps: int = Field(10, ge=0)
     inner_lr: float = Field(0.01, gt=0)
+    icfil: IcfilSettings = Field(default_factory=IcfilSettings)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class EvaluationResult:
     accuracies: torch.Tensor  # per-episode accuracy in percent
     mean: float
     ci95: float
+    icfil_seconds_per_task: float | None = None  # extra time ICFIL took per task; None when off
 
     @property
     def episodes(self) -> int:
@@ -56,12 +61,17 @@ def evaluate(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    *,
+    icfil: bool | None = None,
 ) -> EvaluationResult:
     """Mean accuracy (percent) and 95% CI over seeded episodes of `dataset`'s `split`.
 
     `model` must use batch statistics in BatchNorm (see `use_batch_statistics`) and have a head
     of `settings.ways` outputs; images are resized when the model expects another size.
+    `icfil` turns PURER's ICFIL calibration on or off after each inner loop (None: follow
+    `settings.icfil.enabled`); its extra seconds per task are reported when on.
     """
+    use_icfil = settings.icfil.enabled if icfil is None else icfil
     episodes = settings.episodes if split == "test" else settings.val_episodes
     episode_seed = seed if split == "test" else seed + VAL_SEED_OFFSET
     sampler = EpisodeSampler(
@@ -73,8 +83,12 @@ def evaluate(
     image_size = getattr(model, "image_size", dataset.image_size)
     accuracies = torch.empty(episodes, dtype=torch.float64)
     iterator = tqdm(
-        sampler, desc=f"{dataset.name}/{split} {shots}-shot", disable=not progress, leave=False
+        sampler,
+        desc=f"{dataset.name}/{split} {shots}-shot" + ("+icfil" if use_icfil else ""),
+        disable=not progress,
+        leave=False,
     )
+    icfil_seconds = 0.0
     for index, episode in enumerate(iterator):
         support = _prepare(dataset, episode.support_images, image_size, device)
         query = _prepare(dataset, episode.query_images, image_size, device)
@@ -86,12 +100,35 @@ def evaluate(
             settings.inner_steps,
             settings.inner_lr,
         )
+        if use_icfil:
+            generator = torch.Generator().manual_seed(
+                (episode_seed + ICFIL_SEED_OFFSET) * 1_000_003 + index
+            )
+            _synchronize(device)
+            start = time.perf_counter()
+            adapted = icfil_calibrate(
+                model,
+                adapted,
+                support,
+                episode.support_labels.to(device),
+                settings.ways,
+                settings.icfil,
+                generator,
+            )
+            _synchronize(device)
+            icfil_seconds += time.perf_counter() - start
         with torch.no_grad():
             logits = torch.func.functional_call(model, adapted, (query,))
         correct = (logits.argmax(dim=1).cpu() == episode.query_labels).double().mean()
         accuracies[index] = 100.0 * correct
     mean, ci95 = mean_ci95(accuracies)
-    return EvaluationResult(dataset.name, split, accuracies, mean, ci95)
+    seconds_per_task = icfil_seconds / episodes if use_icfil else None
+    return EvaluationResult(dataset.name, split, accuracies, mean, ci95, seconds_per_task)
+
+
+def _synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _prepare(

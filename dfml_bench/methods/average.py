@@ -10,8 +10,15 @@ from torch import nn
 
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.methods.base import (
+    Checkpoint,
+    MetaModelSpec,
+    MetaTrainContext,
+    Method,
+    register_method,
+)
 from dfml_bench.models import build_model
+from dfml_bench.zoo.manifest import Zoo
 
 
 class AverageSettings(BaseModel):
@@ -48,20 +55,22 @@ class Average(Method):
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         self.check_zoo(context)
-        zoo = context.zoo
-        spec = context.meta_model
-        states = [zoo.load_teacher(index).state_dict() for index in range(len(zoo.teachers))]
-        model = build_model(spec.architecture, context.ways, spec.image_size)
-        heads = head_names(model)
-        matching = [state for state in states if state["head.weight"].shape[0] == context.ways]
-        if not matching:
-            raise DfmlError(
-                f"average needs at least one teacher with a {context.ways}-way head; zoo "
-                f"{zoo.manifest.recipe_name!r} has none"
-            )
-        backbone = average_state_dicts(
-            [{k: v for k, v in s.items() if k not in heads} for s in states]
-        )
-        head = average_state_dicts([{k: v for k, v in s.items() if k in heads} for s in matching])
-        model.load_state_dict({**backbone, **head})
+        model = average_of_zoo(context.zoo, context.meta_model, context.ways)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))
+
+
+def average_of_zoo(zoo: Zoo, spec: MetaModelSpec, ways: int) -> nn.Module:
+    """The zoo's element-wise mean as a `ways`-way meta-model (architectures must match)."""
+    states = [zoo.load_teacher(index).state_dict() for index in range(len(zoo.teachers))]
+    model = build_model(spec.architecture, ways, spec.image_size)
+    heads = head_names(model)
+    matching = [state for state in states if state["head.weight"].shape[0] == ways]
+    if not matching:
+        raise DfmlError(
+            f"average needs at least one teacher with a {ways}-way head; zoo "
+            f"{zoo.manifest.recipe_name!r} has none"
+        )
+    backbone = average_state_dicts([{k: v for k, v in s.items() if k not in heads} for s in states])
+    head = average_state_dicts([{k: v for k, v in s.items() if k in heads} for s in matching])
+    model.load_state_dict({**backbone, **head})
+    return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +37,7 @@ class MetaTrainContext:
     seed: int
     device: torch.device
     progress: bool = True
+    artifacts_dir: Path | None = None  # where a method may leave figures (e.g. pseudo-task grids)
 
 
 @dataclass(frozen=True)
@@ -60,30 +62,39 @@ class Method(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
     same_architecture_only: ClassVar[bool] = False
+    uses_icfil: ClassVar[bool] = False  # the harness applies ICFIL at meta-test for this method
     data_free: ClassVar[bool] = True
 
     def __init__(self, settings: BaseModel) -> None:
         self.settings = settings
         self.timings = MethodTimings()
 
-    def check_zoo(self, context: MetaTrainContext) -> None:
-        """Refuse zoos the method cannot use, with a message that says why."""
-        if not self.same_architecture_only:
-            return
+    def inapplicable_reason(self, context: MetaTrainContext) -> str | None:
+        """Why the method cannot use this zoo (None when it can): the table shows an em dash."""
+        return self.architecture_mismatch(context) if self.same_architecture_only else None
+
+    def architecture_mismatch(self, context: MetaTrainContext) -> str | None:
+        """Why the zoo's parameters cannot be fused into the meta-model (None when they can)."""
         architectures = context.zoo.architectures
         if architectures != [context.meta_model.architecture]:
-            raise DfmlError(
+            return (
                 f"method {self.name!r} fuses parameters, so it needs a zoo of one architecture "
-                f"equal "
-                f"to the meta-model ({context.meta_model.architecture}); zoo "
+                f"equal to the meta-model ({context.meta_model.architecture}); zoo "
                 f"{context.zoo.manifest.recipe_name!r} has {', '.join(architectures)}"
             )
         sizes = {teacher.image_size for teacher in context.zoo.teachers}
         if sizes != {context.meta_model.image_size}:
-            raise DfmlError(
+            return (
                 f"method {self.name!r} needs teachers at the meta-model's image size "
                 f"{context.meta_model.image_size}; zoo has {sorted(sizes)}"
             )
+        return None
+
+    def check_zoo(self, context: MetaTrainContext) -> None:
+        """Refuse zoos the method cannot use, with a message that says why."""
+        reason = self.inapplicable_reason(context)
+        if reason is not None:
+            raise DfmlError(reason)
 
     @abstractmethod
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
@@ -122,4 +133,4 @@ def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
 
 
 def _import_builtin_methods() -> None:
-    from dfml_bench.methods import average, random_init  # noqa: F401
+    from dfml_bench.methods import average, purer, random_init  # noqa: F401

@@ -15,6 +15,7 @@ from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.stats import mean_ci95
 
 METHOD_ORDER = ["random", "average", "ota", "dro", "purer", "free", "oracle"]
+DASH_NOTE = "— : the method does not apply to this zoo (reason in its run record) or no run."
 PROTOCOL_NOTES = {
     "clean": "clean protocol: checkpoint chosen on meta-val, reported on meta-test",
     "paper": "paper protocol: maximum meta-test accuracy over periodic evaluations",
@@ -31,6 +32,10 @@ def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["protocol", "method", "dataset", "stand_in_for", "shots"]
     for key, group in frame.groupby(keys, dropna=False):
+        if group["acc_mean"].isna().all():  # method not applicable to this zoo: em dash
+            rows.append(dict(zip(keys, key), mean=None, ci95=None, seeds=0, episodes=0))
+            continue
+        group = group.dropna(subset=["acc_mean"])
         if len(group) > 1:
             mean, ci95 = mean_ci95(group["acc_mean"].tolist())
         else:
@@ -73,6 +78,8 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
             index=methods, columns=[_column_label(*c) for c in columns], dtype=object
         )
         for row in subset.itertuples():
+            if row.mean is None or pd.isna(row.mean):
+                continue
             table.loc[row.method, _column_label(row.dataset, row.stand_in_for, row.shots)] = (
                 row.mean,
                 row.ci95,
@@ -134,8 +141,9 @@ def write_tables(summary_csv: Path | str, out_dir: Path | str) -> list[Path]:
     written = []
     for scenario in sorted(frame["scenario"].unique()):
         tables = scenario_tables(frame, scenario)
-        seeds = sorted(frame[frame["scenario"] == scenario]["seed"].unique())
-        episodes = sorted(frame[frame["scenario"] == scenario]["episodes"].unique())
+        scenario_rows = frame[frame["scenario"] == scenario]
+        seeds = sorted(scenario_rows["seed"].unique())
+        episodes = sorted(scenario_rows.loc[scenario_rows["episodes"] > 0, "episodes"].unique())
         markdown = [f"# Scenario {scenario.upper()}: 5-way accuracy (%), mean ± 95% CI\n"]
         latex = []
         for protocol, table in tables.items():
@@ -148,7 +156,7 @@ def write_tables(summary_csv: Path | str, out_dir: Path | str) -> list[Path]:
                 f"## {protocol.capitalize()} protocol\n",
                 to_markdown(table),
                 "",
-                f"*{note}. Best result per column in bold. — : no run.*",
+                f"*{note}. Best result per column in bold. {DASH_NOTE}*",
                 "",
             ]
             latex.append(to_latex(table, f"{scenario.upper()}, {note}."))

@@ -180,13 +180,17 @@ def _train_teacher(
     )
     relabel = torch.full((split.num_classes,), -1, dtype=torch.long)
     relabel[list(plan.dataset_class_indices)] = torch.arange(len(plan.dataset_class_indices))
-    train_x = dataset.normalize(split.images[train_index]).to(device)
+    # channels_last: convolutions and BatchNorm on CPU run about 2x faster in NHWC
+    channels_last = torch.channels_last
+    train_x = dataset.normalize(split.images[train_index]).to(device, memory_format=channels_last)
     train_y = relabel[split.labels[train_index]].to(device)
-    heldout_x = dataset.normalize(split.images[heldout_index]).to(device)
+    heldout_x = dataset.normalize(split.images[heldout_index]).to(
+        device, memory_format=channels_last
+    )
     heldout_y = relabel[split.labels[heldout_index]].to(device)
 
     model = build_model(plan.architecture, len(plan.dataset_class_indices), recipe.image_size)
-    model = model.to(device)
+    model = model.to(device, memory_format=channels_last)
     spec = recipe.optimizer_for(plan.architecture)
     if spec.name == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)

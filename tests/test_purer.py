@@ -1,0 +1,205 @@
+"""PURER: the ECI data step, the curriculum switch, the variants, and that it beats Random."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfml_bench.config import RunSpec
+from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.inversion import DeepInversionWeights
+from dfml_bench.inversion.pool import PseudoImagePool
+from dfml_bench.methods import MetaModelSpec, create_method, method_names
+from dfml_bench.methods.purer import (
+    Adversary,
+    CurriculumSwitch,
+    checkpoint_iterations,
+    eci_data_step,
+)
+from dfml_bench.models import build_model
+from dfml_bench.runner import execute_run
+from dfml_bench.zoo.manifest import Zoo
+from dfml_bench.zoo.recipe import ZooRecipe
+from dfml_bench.zoo.train import train_zoo
+from tests.conftest import TOY
+
+
+@pytest.fixture(scope="module")
+def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    recipe = ZooRecipe(
+        name="toy",
+        datasets=[TOY],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=2,
+        classes_per_teacher=5,
+        epochs=2,
+        batch_size=32,
+    )
+    return train_zoo(recipe, tmp_path_factory.mktemp("zoo"), progress=False)
+
+
+def _teachers(zoo: Zoo) -> list[torch.nn.Module]:
+    return [zoo.load_teacher(index) for index in range(len(zoo.teachers))]
+
+
+def _teacher_ce(teachers: list[torch.nn.Module], pool: PseudoImagePool) -> float:
+    with torch.no_grad():
+        return sum(
+            float(torch.nn.functional.cross_entropy(teacher(block), labels))
+            for teacher, block, labels in zip(teachers, pool.blocks, pool.local_labels)
+        )
+
+
+def test_one_eci_step_changes_the_pool_and_lowers_the_teachers_ce(toy_zoo: Zoo) -> None:
+    teachers = _teachers(toy_zoo)
+    generator = torch.Generator().manual_seed(0)
+    pool = PseudoImagePool([t.class_ids for t in toy_zoo.teachers], 4, 32, generator)
+    before = [block.detach().clone() for block in pool.blocks]
+    teacher_state = [dict(t.state_dict()) for t in teachers]
+    ce_before = _teacher_ce(teachers, pool)
+    optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
+    eci_data_step(teachers, pool, optimizer, DeepInversionWeights(), 0, generator)
+    assert all(not torch.equal(a, b) for a, b in zip(before, pool.blocks))
+    assert _teacher_ce(teachers, pool) < ce_before
+    for teacher, state in zip(teachers, teacher_state):  # teachers are only read
+        for name, tensor in teacher.state_dict().items():
+            assert torch.equal(tensor, state[name]), name
+
+
+def test_adversarial_step_raises_the_meta_models_loss(toy_zoo: Zoo) -> None:
+    """Same start, same task draws: the adversarial step ends with a higher meta-loss."""
+    from dfml_bench.evaluation.adaptation import use_batch_statistics
+    from dfml_bench.methods.maml import maml_outer_loss
+
+    teachers = _teachers(toy_zoo)
+    model = use_batch_statistics(build_model("conv4", 5, 32))
+    losses = []
+    for adversary in (None, Adversary(model, 1000.0, 1, 0.01)):
+        generator = torch.Generator().manual_seed(0)
+        pool = PseudoImagePool([t.class_ids for t in toy_zoo.teachers], 16, 32, generator)
+        optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
+        eci_data_step(
+            teachers, pool, optimizer, DeepInversionWeights(), 0, generator, adversary, (5, 1, 15)
+        )
+        task = pool.sample_task(5, 1, 15, torch.Generator().manual_seed(1))
+        loss, _ = maml_outer_loss(model, dict(model.named_parameters()), [task], 1, 0.01)
+        losses.append(float(loss.detach()))
+    assert losses[1] > losses[0]
+
+
+def test_pool_tasks_have_disjoint_support_and_query_and_labels_0_to_n() -> None:
+    pool = PseudoImagePool([[0, 1, 2], [3, 4, 5]], 20, 16, torch.Generator().manual_seed(0))
+    assert pool.num_images == 120 and pool.classes == [0, 1, 2, 3, 4, 5]
+    task = pool.sample_task(5, 5, 15, torch.Generator().manual_seed(0))
+    assert task.support_images.shape == (25, 3, 16, 16)
+    assert task.query_images.shape == (75, 3, 16, 16)
+    assert task.support_labels.tolist() == [c for c in range(5) for _ in range(5)]
+    support = {tuple(x.flatten()[:8].tolist()) for x in task.support_images}
+    query = {tuple(x.flatten()[:8].tolist()) for x in task.query_images}
+    assert not support & query
+    with pytest.raises(ValueError, match="raise per_class"):
+        pool.sample_task(5, 10, 15, torch.Generator().manual_seed(0))
+
+
+def test_curriculum_fires_on_a_plateau_and_not_before_the_start() -> None:
+    switch = CurriculumSwitch(start=10, patience=3)
+    fired = [switch.update(i, 50.0 if i > 1 else 10.0) for i in range(1, 20)]
+    # accuracy stops improving at iteration 2; plateau long enough from iteration 5 on, but the
+    # switch may only fire from the start iteration 10, then again after each `patience` plateau
+    assert fired.index(True) + 1 == 10
+    assert [i + 1 for i, f in enumerate(fired) if f] == [10, 13, 16, 19]
+    rising = CurriculumSwitch(start=0, patience=2)
+    assert not any(rising.update(i, float(i)) for i in range(1, 30))
+
+
+def test_checkpoints_are_evenly_spaced_and_end_at_the_last_iteration() -> None:
+    assert checkpoint_iterations(100, 4) == {25, 50, 75, 100}
+    assert checkpoint_iterations(3, 10) == {1, 2, 3}
+
+
+def test_variants_are_registered_with_their_components() -> None:
+    assert {"purer", "purer-no-eci", "purer-no-icfil"} <= set(method_names())
+    full, no_eci, no_icfil = (
+        create_method(name) for name in ("purer", "purer-no-eci", "purer-no-icfil")
+    )
+    assert full.uses_icfil and full.curriculum
+    assert no_eci.uses_icfil and not no_eci.curriculum
+    assert not no_icfil.uses_icfil and no_icfil.curriculum
+
+
+def _spec(method: str, zoo_dir: str, run_dir: Path, settings: dict, shots: int) -> RunSpec:
+    return RunSpec(
+        scenario="ss",
+        scenario_label="SS",
+        method=method,
+        method_settings=settings,
+        ways=5,
+        shots=shots,
+        seed=0,
+        zoo_dir=zoo_dir,
+        run_dir=str(run_dir),
+        meta_model=MetaModelSpec(),
+        evaluation=EvaluationSettings(episodes=100, val_episodes=20, inner_steps=1),
+        data_root=None,
+        cache_dir=None,
+        device="cpu",
+    )
+
+
+def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Path) -> None:
+    import json
+
+    settings = {"iterations": 4, "checkpoints": 2, "curriculum_start": 0, "curriculum_patience": 1}
+    spec = _spec("purer-no-icfil", str(toy_zoo.directory), tmp_path / "run", settings, 1)
+    paper, clean = (json.loads(p.read_text()) for p in execute_run(spec, progress=False))
+    assert paper["recovery_s"] > 0 and paper["recovery_s"] < paper["meta_train_s"]
+    assert paper["method_timings"]["pseudo_images"] == 2 * 5 * 16
+    assert paper["checkpoints_evaluated"] == 2 and clean["val_acc_mean"] is not None
+    assert (tmp_path / "run" / "pseudo-task.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def glyph_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    recipe = ZooRecipe(
+        name="glyph-ss",
+        datasets=["glyphs"],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=4,
+        classes_per_teacher=5,
+        epochs=3,
+        max_images_per_class=100,
+    )
+    directory = tmp_path_factory.mktemp("glyph-zoo")
+    train_zoo(recipe, directory, progress=False)
+    return str(directory)
+
+
+def test_short_purer_run_beats_random_on_the_same_episodes(
+    glyph_zoo_dir: str, tmp_path: Path
+) -> None:
+    """Paired over the same 100 test episodes of the embedded dataset, 5-way 5-shot."""
+    import json
+
+    settings = {"iterations": 15, "checkpoints": 1, "curriculum_start": 2}
+    accuracies = {}
+    for method, method_settings in (("random", {}), ("purer-no-icfil", settings)):
+        spec = _spec(method, glyph_zoo_dir, tmp_path / method, method_settings, 5)
+        record = json.loads(execute_run(spec, progress=False)[0].read_text())
+        accuracies[method] = record["acc_mean"]
+    assert accuracies["purer-no-icfil"] > accuracies["random"] + 5.0, accuracies
+
+
+def test_full_purer_is_evaluated_with_icfil_at_the_selected_checkpoint(
+    toy_zoo: Zoo, tmp_path: Path
+) -> None:
+    import json
+
+    settings = {"iterations": 2, "checkpoints": 2, "per_class": 16}
+    spec = _spec("purer", str(toy_zoo.directory), tmp_path / "run", settings, 1)
+    for path in execute_run(spec, progress=False):
+        record = json.loads(path.read_text())
+        assert record["icfil"] is True and record["icfil_s_per_task"] > 0
+        assert 0 <= record["acc_mean_without_icfil"] <= 100
+        assert "ICFIL" in record["selection"]
