@@ -31,7 +31,7 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
-    from dfml_bench.runner import resolve_device
+    from dfml_bench.device import resolve_device
     from dfml_bench.zoo.recipe import load_recipe
     from dfml_bench.zoo.train import train_zoo
 
@@ -73,10 +73,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
         spec = run_spec(config, args.scenario, args.method, args.shots, args.seed)
     for path in execute_run(spec, progress=not args.quiet):
         record = json.loads(path.read_text())
+        outcome = (
+            f"{record['acc_mean']:.2f} ± {record['acc_ci95']:.2f}"
+            if record.get("applicable", True)
+            else f"not applicable ({record['reason']})"
+        )
         print(
             f"{record['scenario']} {record['method']} {record['shots']}-shot seed {record['seed']}"
-            f" [{record['protocol']}]: {record['acc_mean']:.2f} ± {record['acc_ci95']:.2f}"
-            f" -> {path}"
+            f" [{record['protocol']}]: {outcome} -> {path}"
         )
 
 

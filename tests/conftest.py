@@ -49,3 +49,24 @@ def real_data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root}; set DFML_DATA_ROOT to run these tests")
     return root
+
+
+@pytest.fixture(scope="session")
+def glyph_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small SS zoo on the embedded dataset, for 'method beats random' tests."""
+    from dfml_bench.zoo.recipe import ZooRecipe
+    from dfml_bench.zoo.train import train_zoo
+
+    recipe = ZooRecipe(
+        name="glyph-ss",
+        datasets=["glyphs"],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=4,
+        classes_per_teacher=5,
+        epochs=3,
+        max_images_per_class=100,
+    )
+    directory = tmp_path_factory.mktemp("glyph-zoo")
+    train_zoo(recipe, directory, progress=False)
+    return str(directory)

@@ -159,23 +159,6 @@ def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Pa
     assert (tmp_path / "run" / "pseudo-task.png").stat().st_size > 0
 
 
-@pytest.fixture(scope="module")
-def glyph_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    recipe = ZooRecipe(
-        name="glyph-ss",
-        datasets=["glyphs"],
-        image_size=32,
-        architectures=["conv4"],
-        teachers_per_dataset=4,
-        classes_per_teacher=5,
-        epochs=3,
-        max_images_per_class=100,
-    )
-    directory = tmp_path_factory.mktemp("glyph-zoo")
-    train_zoo(recipe, directory, progress=False)
-    return str(directory)
-
-
 def test_short_purer_run_beats_random_on_the_same_episodes(
     glyph_zoo_dir: str, tmp_path: Path
 ) -> None:

@@ -39,7 +39,13 @@ def test_tiny_workflow_end_to_end(tmp_path: Path) -> None:
     frame = pd.read_csv(results / "summary.csv")
     assert set(frame["scenario"]) == {"ss", "mh"}
     assert set(frame[frame["scenario"] == "ss"]["method"]) == {"random", "average"}
-    assert (frame[frame["scenario"] == "mh"]["dataset"] == "mixed").all()
+    mh = frame[frame["scenario"] == "mh"]
+    assert (mh["dataset"] == "mixed").all()
+    assert set(mh["method"]) == {"random", "average", "purer"}
+    assert mh[mh["method"] == "average"]["acc_mean"].isna().all()  # mixed zoo: em dash
+    assert mh[mh["method"] == "purer"]["icfil"].all()
+    assert (results / "runs/mh/purer/1shot/seed0/pseudo-task.png").is_file()
+    assert "—" in (results / "tables" / "mh.md").read_text()
     for label in ("ss", "mh"):
         assert "± " in (results / "tables" / f"{label}.md").read_text()
         assert r"\begin{tabular}" in (results / "tables" / f"{label}.tex").read_text()

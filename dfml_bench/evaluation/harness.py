@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.data.sampler import EpisodeSampler
+from dfml_bench.device import synchronize
 from dfml_bench.evaluation.adaptation import finetune, parameters_of
 from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
 from dfml_bench.evaluation.stats import mean_ci95
@@ -46,6 +47,14 @@ class EvaluationResult:
     mean: float
     ci95: float
     icfil_seconds_per_task: float | None = None  # extra time ICFIL took per task; None when off
+    plain_accuracies: torch.Tensor | None = None  # with ICFIL on: the same tasks without it
+
+    @property
+    def plain_mean(self) -> float:
+        """Mean accuracy without ICFIL (equals `mean` when ICFIL is off)."""
+        if self.plain_accuracies is None:
+            return self.mean
+        return float(self.plain_accuracies.mean())
 
     @property
     def episodes(self) -> int:
@@ -89,6 +98,7 @@ def evaluate(
         leave=False,
     )
     icfil_seconds = 0.0
+    plain = torch.empty(episodes, dtype=torch.float64) if use_icfil else None
     for index, episode in enumerate(iterator):
         support = _prepare(dataset, episode.support_images, image_size, device)
         query = _prepare(dataset, episode.query_images, image_size, device)
@@ -100,11 +110,14 @@ def evaluate(
             settings.inner_steps,
             settings.inner_lr,
         )
-        if use_icfil:
+        if plain is not None:  # one pass gives both accuracies, so ICFIL never re-adapts
+            with torch.no_grad():
+                logits = torch.func.functional_call(model, adapted, (query,))
+            plain[index] = 100.0 * (logits.argmax(1).cpu() == episode.query_labels).double().mean()
             generator = torch.Generator().manual_seed(
                 (episode_seed + ICFIL_SEED_OFFSET) * 1_000_003 + index
             )
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             adapted = icfil_calibrate(
                 model,
@@ -115,7 +128,7 @@ def evaluate(
                 settings.icfil,
                 generator,
             )
-            _synchronize(device)
+            synchronize(device)
             icfil_seconds += time.perf_counter() - start
         with torch.no_grad():
             logits = torch.func.functional_call(model, adapted, (query,))
@@ -123,12 +136,7 @@ def evaluate(
         accuracies[index] = 100.0 * correct
     mean, ci95 = mean_ci95(accuracies)
     seconds_per_task = icfil_seconds / episodes if use_icfil else None
-    return EvaluationResult(dataset.name, split, accuracies, mean, ci95, seconds_per_task)
-
-
-def _synchronize(device: torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    return EvaluationResult(dataset.name, split, accuracies, mean, ci95, seconds_per_task, plain)
 
 
 def _prepare(

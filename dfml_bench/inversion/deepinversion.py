@@ -128,6 +128,7 @@ class InversionLoss:
     bn: float
     tv: float
     l2: float
+    logits: torch.Tensor | None = field(default=None, repr=False)  # teacher's, single loss only
 
     def __add__(self, other: InversionLoss) -> InversionLoss:
         return InversionLoss(
@@ -156,7 +157,7 @@ def _parameters_frozen(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def _fit_to_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+def fit_to_teacher(teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Bilinearly resize to the teacher's `image_size` (set by `build_model`) when it differs, so
     one image pool can serve teachers trained at different resolutions."""
     size = getattr(teacher, "image_size", None)
@@ -186,20 +187,21 @@ def deep_inversion_loss(
     if teacher.training:
         raise ValueError("the teacher must be in eval mode (call .eval()) to be inverted")
     jittered = random_jitter(images, jitter, generator)
-    teacher_input = _fit_to_teacher(teacher, jittered)
+    teacher_input = fit_to_teacher(teacher, jittered)
     with _parameters_frozen(teacher):
         if weights.bn == 0:
-            ce = F.cross_entropy(teacher(teacher_input), targets)
+            logits = teacher(teacher_input)
             bn = torch.zeros((), device=images.device)
         else:
             with bn_feature_statistics(teacher) as statistics:
-                ce = F.cross_entropy(teacher(teacher_input), targets)
+                logits = teacher(teacher_input)
             bn = statistics.total()
+        ce = F.cross_entropy(logits, targets)
     tv = total_variation(jittered)
     l2 = l2_prior(jittered)
     total = weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2
     terms = torch.stack([ce, bn, tv, l2]).detach().tolist()  # one device sync, not four
-    return InversionLoss(total, *terms)
+    return InversionLoss(total, *terms, logits=logits)
 
 
 def deep_inversion_loss_over_teachers(

@@ -65,47 +65,65 @@ class PseudoImagePool(nn.Module):
         With `detach=False` the task's images stay differentiable w.r.t. the pool (the adversarial
         curriculum step maximises the meta-model's loss through them).
         """
-        if ways > len(self.classes):
-            raise ValueError(f"{ways}-way tasks need {ways} classes; pool has {len(self.classes)}")
-        needed = shots + queries
         images = torch.cat(list(self.blocks))
         if detach:
             images = images.detach()
-        chosen = torch.randperm(len(self.classes), generator=generator)[:ways].tolist()
-        support, query = [], []
-        for class_index in chosen:
-            indices = self._indices_by_class[self.classes[class_index]]
-            if len(indices) < needed:
-                raise ValueError(
-                    f"a class has {len(indices)} pseudo images, fewer than shots + queries = "
-                    f"{needed}; raise per_class"
-                )
-            picked = indices[torch.randperm(len(indices), generator=generator)[:needed].tolist()]
-            support.append(picked[:shots])
-            query.append(picked[shots:])
-        labels = torch.arange(ways, device=images.device)
-        return Task(
-            support_images=images[torch.cat(support)],
-            support_labels=labels.repeat_interleave(shots),
-            query_images=images[torch.cat(query)],
-            query_labels=labels.repeat_interleave(queries),
+        return draw_task(images, self._indices_by_class, ways, shots, queries, generator)
+
+
+def draw_task(
+    images: torch.Tensor,
+    indices_by_class: dict[int, torch.Tensor],
+    ways: int,
+    shots: int,
+    queries: int,
+    generator: torch.Generator,
+) -> Task:
+    """`ways` classes among those with at least shots + queries images, distinct images each."""
+    needed = shots + queries
+    eligible = sorted(c for c, indices in indices_by_class.items() if len(indices) >= needed)
+    if len(eligible) < ways:
+        raise ValueError(
+            f"{ways}-way tasks with {needed} images per class need {ways} such classes; "
+            f"{len(eligible)} have enough pseudo images (raise per_class)"
         )
+    chosen = torch.randperm(len(eligible), generator=generator)[:ways].tolist()
+    support, query = [], []
+    for class_index in chosen:
+        indices = indices_by_class[eligible[class_index]]
+        picked = indices[torch.randperm(len(indices), generator=generator)[:needed].tolist()]
+        support.append(picked[:shots])
+        query.append(picked[shots:])
+    labels = torch.arange(ways, device=images.device)
+    return Task(
+        support_images=images[torch.cat(support)],
+        support_labels=labels.repeat_interleave(shots),
+        query_images=images[torch.cat(query)],
+        query_labels=labels.repeat_interleave(queries),
+    )
 
 
 def save_task_grid(task: Task, ways: int, path: Path | str) -> Path:
-    """PNG of a pseudo task, one row per class (support then query images), each image min-max
-    scaled on its own because pseudo images live in normalised, unbounded pixel space."""
-    rows = []
-    for label in range(ways):
-        rows.append(
-            torch.cat(
-                [
-                    task.support_images[task.support_labels == label],
-                    task.query_images[task.query_labels == label],
-                ]
-            )
+    """PNG of a pseudo task, one row per class (support then query images)."""
+    rows = [
+        torch.cat(
+            [
+                task.support_images[task.support_labels == label],
+                task.query_images[task.query_labels == label],
+            ]
         )
-    per_row = rows[0].shape[0]
-    images = torch.cat(rows).detach().float().cpu().contiguous()
+        for label in range(ways)
+    ]
+    return save_image_rows(rows, path)
+
+
+def save_image_rows(rows: Sequence[torch.Tensor], path: Path | str) -> Path:
+    """PNG with one row per tensor of images (rows padded to the longest). Each image is min-max
+    scaled on its own because pseudo images live in normalised, unbounded pixel space."""
+    per_row = max(row.shape[0] for row in rows)
+    padded = [
+        torch.cat([row, row.new_zeros(per_row - row.shape[0], *row.shape[1:])]) for row in rows
+    ]
+    images = torch.cat(padded).detach().float().cpu().contiguous()
     grid = make_grid(images, nrow=per_row, normalize=True, scale_each=True, padding=1)
     return atomic.write_with(Path(path), lambda tmp: save_image(grid, tmp, format="png"))

@@ -133,4 +133,4 @@ def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
 
 
 def _import_builtin_methods() -> None:
-    from dfml_bench.methods import average, purer, random_init  # noqa: F401
+    from dfml_bench.methods import average, free, purer, random_init  # noqa: F401

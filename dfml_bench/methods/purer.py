@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import (
@@ -150,7 +151,7 @@ class Purer(Method):
                 f"per_class={per_class} cannot fill {context.shots}-shot tasks with "
                 f"{settings.queries} queries; set per_class >= {context.shots + settings.queries}"
             )
-        teachers = _load_teachers(context)
+        teachers = load_teachers(context)
         model = self._initial_model(context).to(device, memory_format=torch.channels_last)
         pool = PseudoImagePool(
             [teacher.class_ids for teacher in context.zoo.teachers],
@@ -196,7 +197,7 @@ class Purer(Method):
                 adversary,
                 (context.ways, context.shots, settings.queries),
             )
-            _synchronize(device)
+            synchronize(device)
             self.timings.recovery_seconds += time.perf_counter() - started
             if not all(map(math.isfinite, (inversion.ce, inversion.bn, inversion.tv))):
                 raise DfmlError(
@@ -252,6 +253,8 @@ class Purer(Method):
         adversarial_steps: int,
     ) -> None:
         self.timings.extra["adversarial_steps"] = float(adversarial_steps)
+        tasks = pool.num_images / (context.ways * pool.per_class)
+        self.timings.extra["recovery_s_per_task"] = self.timings.recovery_seconds / tasks
         if context.artifacts_dir is not None:
             task = pool.sample_task(context.ways, context.shots, settings.queries, generator)
             save_task_grid(task, context.ways, context.artifacts_dir / "pseudo-task.png")
@@ -273,7 +276,7 @@ class PurerNoIcfil(Purer):
     uses_icfil = False
 
 
-def _load_teachers(context: MetaTrainContext) -> list[nn.Module]:
+def load_teachers(context: MetaTrainContext) -> list[nn.Module]:
     """All teachers once, frozen, in eval mode (they are only ever inverted)."""
     teachers = []
     for index in range(len(context.zoo.teachers)):
@@ -281,8 +284,3 @@ def _load_teachers(context: MetaTrainContext) -> list[nn.Module]:
         teacher.requires_grad_(False)
         teachers.append(teacher.to(memory_format=torch.channels_last))
     return teachers
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
