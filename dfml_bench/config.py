@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dfml_bench.errors import ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
@@ -29,6 +36,8 @@ class ScenarioConfig(BaseModel):
     recipe: str
     methods: list[str] = Field(min_length=1)
     meta_model: MetaModelSpec | None = None
+    # overrides of the global evaluation settings, e.g. {episodes: 100} per dataset for MH
+    evaluation: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("recipe")
     @classmethod
@@ -88,7 +97,23 @@ class WorkflowConfig(BaseModel):
     @model_validator(mode="after")
     def _evaluation_ways_match(self) -> WorkflowConfig:
         self.evaluation.ways = self.ways
+        for name in self.scenarios:
+            self.scenario_evaluation(name)  # reject bad overrides at load time
         return self
+
+    def scenario_evaluation(self, scenario: str) -> EvaluationSettings:
+        """The global evaluation settings with the scenario's overrides applied."""
+        overrides = self.scenarios[scenario].evaluation
+        if not overrides:
+            return self.evaluation
+        merged = self.evaluation.model_dump() | overrides
+        try:
+            return EvaluationSettings.model_validate(merged)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
+            )
+            raise ValueError(f"scenarios.{scenario}.evaluation: {problems}") from None
 
 
 class RunSpec(BaseModel):
@@ -153,7 +178,7 @@ def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, see
         zoo_dir=zoo_dir(config, entry.recipe),
         run_dir=run_dir(config, scenario, method, shots, seed),
         meta_model=entry.meta_model or config.meta_model,
-        evaluation=config.evaluation,
+        evaluation=config.scenario_evaluation(scenario),
         data_root=config.data_root,
         cache_dir=config.cache_dir,
         device=config.device,

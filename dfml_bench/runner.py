@@ -56,7 +56,15 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
     ]
     method = create_method(spec.method, spec.method_settings)
     context = MetaTrainContext(
-        zoo, spec.meta_model, spec.ways, spec.shots, spec.seed, device, progress, Path(spec.run_dir)
+        zoo,
+        spec.meta_model,
+        spec.ways,
+        spec.shots,
+        spec.seed,
+        device,
+        progress,
+        Path(spec.run_dir),
+        training_data=None if method.data_free else datasets,
     )
 
     reason = method.inapplicable_reason(context)

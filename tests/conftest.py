@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dfml_bench.data import ClassSplit, FewShotDataset, register_dataset
+from dfml_bench.zoo.manifest import Zoo
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = "test-toy"
@@ -70,3 +71,22 @@ def glyph_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = tmp_path_factory.mktemp("glyph-zoo")
     train_zoo(recipe, directory, progress=False)
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    """Two Conv4 teachers on the toy dataset (seconds to train)."""
+    from dfml_bench.zoo.recipe import ZooRecipe
+    from dfml_bench.zoo.train import train_zoo
+
+    recipe = ZooRecipe(
+        name="toy",
+        datasets=[TOY],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=2,
+        classes_per_teacher=5,
+        epochs=2,
+        batch_size=32,
+    )
+    return train_zoo(recipe, tmp_path_factory.mktemp("zoo"), progress=False)

@@ -13,25 +13,7 @@ from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method, m
 from dfml_bench.methods.free import alignment_update, masked_adversarial_loss
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
-from dfml_bench.zoo.recipe import ZooRecipe
-from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY
 from tests.test_purer import _spec
-
-
-@pytest.fixture(scope="module")
-def toy_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    recipe = ZooRecipe(
-        name="toy",
-        datasets=[TOY],
-        image_size=32,
-        architectures=["conv4"],
-        teachers_per_dataset=2,
-        classes_per_teacher=5,
-        epochs=2,
-        batch_size=32,
-    )
-    return train_zoo(recipe, tmp_path_factory.mktemp("zoo"), progress=False)
 
 
 def _context(zoo: Zoo, artifacts: Path | None = None) -> MetaTrainContext:

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from dfml_bench.data.base import FewShotDataset
 from dfml_bench.errors import DfmlError
 from dfml_bench.zoo.manifest import Zoo
 
@@ -38,6 +39,7 @@ class MetaTrainContext:
     device: torch.device
     progress: bool = True
     artifacts_dir: Path | None = None  # where a method may leave figures (e.g. pseudo-task grids)
+    training_data: list[FewShotDataset] | None = None  # real data: only for data_free = False
 
 
 @dataclass(frozen=True)
@@ -133,4 +135,12 @@ def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
 
 
 def _import_builtin_methods() -> None:
-    from dfml_bench.methods import average, free, purer, random_init  # noqa: F401
+    from dfml_bench.methods import (  # noqa: F401
+        average,
+        dro,
+        free,
+        oracle,
+        ota,
+        purer,
+        random_init,
+    )

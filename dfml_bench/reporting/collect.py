@@ -25,6 +25,8 @@ SUMMARY_COLUMNS = [
     "episodes",
     "meta_train_s",
     "recovery_s",
+    "recovered_images",
+    "recovery_s_per_task",
     "icfil",
     "icfil_s_per_task",
     "eval_s",
@@ -49,9 +51,12 @@ def read_records(results_dir: Path) -> pd.DataFrame:
                 f"run record {path} is not valid JSON ({error}); rerun that run"
             ) from None
         env = record.get("environment", {})
+        timings = record.get("method_timings") or {}
         rows.append(
             {
                 **{key: record.get(key) for key in SUMMARY_COLUMNS},
+                "recovered_images": timings.get("images_recovered", timings.get("pseudo_images")),
+                "recovery_s_per_task": timings.get("recovery_s_per_task"),
                 "device": env.get("device"),
                 "torch": env.get("packages", {}).get("torch"),
                 "git_commit": env.get("git_commit"),

@@ -13,9 +13,13 @@ import pandas as pd
 from dfml_bench import atomic
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.stats import mean_ci95
+from dfml_bench.reporting.speed import speed_markdown
 
 METHOD_ORDER = ["random", "average", "ota", "dro", "purer", "free", "oracle"]
-DASH_NOTE = "— : the method does not apply to this zoo (reason in its run record) or no run."
+DASH_NOTE = (
+    "— : the method does not apply to this zoo (reason in its run record) or no run. "
+    "† : not data-free (trained on real meta-train data), an upper bound."
+)
 PROTOCOL_NOTES = {
     "clean": "clean protocol: checkpoint chosen on meta-val, reported on meta-test",
     "paper": "paper protocol: maximum meta-test accuracy over periodic evaluations",
@@ -62,8 +66,12 @@ def _column_label(dataset: str, stand_in: object, shots: int) -> str:
 
 
 def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFrame]:
-    """Per protocol, a methods x columns frame of (mean, ci95) tuples; missing cells are None."""
-    cells = cell_values(frame[frame["scenario"] == scenario])
+    """Per protocol, a methods x columns frame of (mean, ci95) tuples; missing cells are None.
+
+    Methods that are not data-free (the oracle) come last, in `table.attrs["upper_bounds"]`."""
+    rows = frame[frame["scenario"] == scenario]
+    upper_bounds = set(rows.loc[rows["data_free"].astype(str) == "False", "method"])
+    cells = cell_values(rows)
     tables = {}
     for protocol in ("clean", "paper"):
         subset = cells[cells["protocol"] == protocol]
@@ -73,7 +81,9 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
             {(r.dataset, r.stand_in_for, r.shots) for r in subset.itertuples()},
             key=lambda c: (c[0], c[2]),
         )
-        methods = sorted(subset["method"].unique(), key=_method_rank)
+        methods = sorted(
+            subset["method"].unique(), key=lambda m: (m in upper_bounds, _method_rank(m))
+        )
         table = pd.DataFrame(
             index=methods, columns=[_column_label(*c) for c in columns], dtype=object
         )
@@ -84,13 +94,22 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
                 row.mean,
                 row.ci95,
             )
+        table.attrs["upper_bounds"] = upper_bounds & set(methods)
         tables[protocol] = table
     return tables
 
 
 def _best(table: pd.DataFrame, column: str) -> str | None:
-    values = {m: v[0] for m, v in table[column].items() if isinstance(v, tuple)}
+    """The best data-free method of a column (upper bounds never get the bold)."""
+    excluded = table.attrs.get("upper_bounds", set())
+    values = {
+        m: v[0] for m, v in table[column].items() if isinstance(v, tuple) and m not in excluded
+    }
     return max(values, key=values.get) if values else None
+
+
+def _row_label(table: pd.DataFrame, method: str) -> str:
+    return f"{method} †" if method in table.attrs.get("upper_bounds", set()) else method
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -103,6 +122,7 @@ def to_markdown(table: pd.DataFrame) -> str:
                 continue
             text = f"{value[0]:.2f} ± {value[1]:.2f}"
             rendered.loc[method, column] = f"**{text}**" if method == best else text
+    rendered.index = [_row_label(table, method) for method in rendered.index]
     rendered.index.name = "method"
     return rendered.to_markdown()
 
@@ -119,7 +139,10 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
         r"\midrule",
     ]
     best = {column: _best(table, column) for column in table.columns}
+    upper_bounds = table.attrs.get("upper_bounds", set())
     for method, row in table.iterrows():
+        if method in upper_bounds and method == next(m for m in table.index if m in upper_bounds):
+            lines.append(r"\midrule")  # upper bounds (not data-free) in their own block
         cells = []
         for column, value in row.items():
             if not isinstance(value, tuple):
@@ -127,7 +150,8 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
                 continue
             text = f"{value[0]:.2f} $\\pm$ {value[1]:.2f}"
             cells.append(rf"\textbf{{{text}}}" if best[column] == method else text)
-        lines.append(" & ".join([method.replace("_", r"\_"), *cells]) + r" \\")
+        label = method.replace("_", r"\_") + (r"$^\dagger$" if method in upper_bounds else "")
+        lines.append(" & ".join([label, *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -162,4 +186,5 @@ def write_tables(summary_csv: Path | str, out_dir: Path | str) -> list[Path]:
             latex.append(to_latex(table, f"{scenario.upper()}, {note}."))
         written.append(atomic.write_text(out_dir / f"{scenario}.md", "\n".join(markdown)))
         written.append(atomic.write_text(out_dir / f"{scenario}.tex", "\n".join(latex)))
+    written.append(atomic.write_text(out_dir / "speed.md", speed_markdown(frame)))
     return written

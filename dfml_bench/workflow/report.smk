@@ -18,11 +18,12 @@ rule collect:
 
 
 rule tables:
-    """Markdown and LaTeX table per scenario (SS, SH, MH)."""
+    """Markdown and LaTeX table per scenario (SS, SH, MH) and the data-recovery speed table."""
     input:
         rules.collect.output,
     output:
-        [f"{RESULTS}/tables/{label}.{ext}" for label in LABELS for ext in ("md", "tex")],
+        [f"{RESULTS}/tables/{label}.{ext}" for label in LABELS for ext in ("md", "tex")]
+        + [f"{RESULTS}/tables/speed.md"],
     log:
         f"{RESULTS}/logs/tables.log",
     params:
