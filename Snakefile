@@ -1,4 +1,4 @@
-# dfml-bench workflow: recipes -> zoos -> method runs -> summary.csv -> tables.
+# dfml-bench workflow: recipes -> zoos -> method runs -> summary.csv -> tables, figures, report.
 # Thin on purpose: the rules live in dfml_bench/workflow/*.smk and call the package CLI.
 #   snakemake --cores all                               # default config (embedded data)
 #   snakemake --cores all --configfile config/real-data.yaml
@@ -14,5 +14,5 @@ include: "dfml_bench/workflow/report.smk"
 
 rule all:
     input:
-        rules.tables.output,
+        rules.report.output,
     default_target: True

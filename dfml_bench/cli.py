@@ -57,7 +57,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from dfml_bench.runner import execute_run
     from dfml_bench.validation import validate_model
 
-    if args.spec:
+    if args.from_record:
+        spec = validate_model(RunSpec, _record_spec(Path(args.from_record)), "record's run spec")
+    elif args.spec:
         try:
             raw = json.loads(args.spec)
         except json.JSONDecodeError as error:
@@ -84,6 +86,19 @@ def _cmd_run(args: argparse.Namespace) -> None:
         )
 
 
+def _record_spec(path: Path) -> object:
+    """The full run spec a record was produced with (records store it verbatim)."""
+    if not path.is_file():
+        raise DfmlError(f"record {path} not found; give a record-*.json under results/runs")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DfmlError(f"record {path} is not valid JSON ({error})") from None
+    if not isinstance(record, dict) or "spec" not in record:
+        raise DfmlError(f"{path} holds no run spec; is it a dfml-bench run record?")
+    return record["spec"]
+
+
 def _cmd_collect(args: argparse.Namespace) -> None:
     from dfml_bench.reporting.collect import collect
 
@@ -96,6 +111,23 @@ def _cmd_table(args: argparse.Namespace) -> None:
     summary = Path(args.summary or Path(args.results_dir) / "summary.csv")
     out = Path(args.out or Path(args.results_dir) / "tables")
     for path in write_tables(summary, out):
+        print(path)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from dfml_bench.reporting.figures import write_figures
+    from dfml_bench.reporting.report import write_report
+    from dfml_bench.reporting.tables import read_summary, write_tables
+
+    results = Path(args.results_dir)
+    summary = Path(args.summary or results / "summary.csv")
+    tables, figures = results / "tables", results / "figures"
+    written = write_tables(summary, tables)
+    written += write_figures(results, read_summary(summary), figures)
+    written.append(
+        write_report(read_summary(summary), tables, figures, results / "REPORT.md", args.command)
+    )
+    for path in written:
         print(path)
 
 
@@ -135,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="meta-train one method and evaluate it (writes records)")
     run.add_argument("--spec", help="full run spec as JSON (what the Snakefile passes)")
+    run.add_argument("--from-record", help="rerun exactly the spec stored in a run record")
     run.add_argument("--config", help="workflow config YAML, with the four options below")
     run.add_argument("--scenario")
     run.add_argument("--method")
@@ -152,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--summary")
     table.add_argument("--out")
     table.set_defaults(handler=_cmd_table)
+
+    report = sub.add_parser(
+        "report", help="tables, figures and REPORT.md of a results folder (from summary.csv)"
+    )
+    report.add_argument("--results-dir", default="results")
+    report.add_argument("--summary", help="default: RESULTS/summary.csv")
+    report.add_argument(
+        "--command",
+        default="snakemake --cores all",
+        help="the workflow command that produced the records, quoted in the report",
+    )
+    report.set_defaults(handler=_cmd_report)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(handler=_cmd_methods)

@@ -108,6 +108,7 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
         "eval_s": round(eval_seconds, 3),
         "method_timings": method.timings.extra,
         "checkpoints_evaluated": len(scores),
+        "curve": [_curve_point(score) for score in scores],
     }
     written = []
     for protocol, chosen in (("paper", paper), ("clean", clean)):
@@ -226,6 +227,12 @@ def _summarise(score: CheckpointScore) -> dict[str, object]:
         "per_dataset": per_dataset,
         "val_acc_mean": None if score.val is None else round(score.val_mean, 4),
     }
+
+
+def _curve_point(score: CheckpointScore) -> dict[str, object]:
+    """Meta-test accuracy of one checkpoint, for accuracy-against-iterations figures."""
+    summary = _summarise(score)
+    return {key: summary[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}
 
 
 def _dataset_label(datasets: list[FewShotDataset]) -> str:

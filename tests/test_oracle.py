@@ -42,8 +42,8 @@ def test_oracle_gets_a_dagger_its_own_block_and_never_the_bold() -> None:
     table = scenario_tables(pd.DataFrame(rows), "ss")["clean"]
     assert list(table.index) == ["random", "purer", "oracle"]
     markdown = to_markdown(table)
-    assert "| oracle †" in markdown and "**50.00 ± 1.00**" in markdown
+    assert "| Oracle (real data) †" in markdown and "**50.00 ± 1.00**" in markdown
     assert "**90.00" not in markdown
     latex = to_latex(table, "caption")
-    assert r"oracle$^\dagger$" in latex
-    assert latex.index(r"\midrule", latex.index("purer")) < latex.index("oracle")
+    assert r"Oracle (real data)$^\dagger$" in latex
+    assert latex.index(r"\midrule", latex.index("PURER")) < latex.index("Oracle")

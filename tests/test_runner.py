@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from dfml_bench.config import RunSpec
+from dfml_bench.cli import main
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods import MetaModelSpec
 from dfml_bench.reporting.collect import collect
@@ -85,6 +86,18 @@ def test_runs_are_deterministic_and_paired(toy_zoo_dir: Path, tmp_path: Path) ->
     assert a["acc_mean"] == b["acc_mean"] and a["acc_ci95"] == b["acc_ci95"]
 
 
+def test_rerun_from_a_record_reproduces_it(toy_zoo_dir: Path, tmp_path: Path) -> None:
+    first = execute_run(spec_for("average", toy_zoo_dir, tmp_path / "run"), progress=False)[1]
+    original = json.loads(first.read_text())
+    first.rename(tmp_path / "kept.json")
+    assert main(["--quiet", "run", "--from-record", str(tmp_path / "kept.json")]) == 0
+    again = json.loads(first.read_text())
+    assert again["spec"] == original["spec"] and again["acc_mean"] == original["acc_mean"]
+    assert again["curve"] == original["curve"] == [
+        {key: original[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}
+    ]
+
+
 def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
     for method in ("random", "average"):
@@ -99,11 +112,11 @@ def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
     assert set(frame["method"]) == {"random", "average"}
     written = write_tables(summary, results / "tables")
     markdown = (results / "tables" / "ss.md").read_text()
-    assert "random" in markdown and "average" in markdown and "**" in markdown
+    assert "Random" in markdown and "Average" in markdown and "**" in markdown
     assert "1-shot" in markdown and "5-shot" in markdown
     latex = (results / "tables" / "ss.tex").read_text()
     assert r"\toprule" in latex and r"\textbf" in latex
-    assert len(written) == 3 and (results / "tables" / "speed.md").is_file()
+    assert len(written) == 4 and (results / "tables" / "speed.md").is_file()
 
 
 def test_inapplicable_method_gets_an_em_dash_not_a_number(tmp_path: Path) -> None:
@@ -135,5 +148,5 @@ def test_inapplicable_method_gets_an_em_dash_not_a_number(tmp_path: Path) -> Non
         for line in (results / "tables" / "sh.md").read_text().splitlines()
         if line.startswith("| ")
     }
-    assert "—" in rows["average"] and "±" not in rows["average"]
-    assert "±" in rows["random"]
+    assert "—" in rows["Average"] and "±" not in rows["Average"]
+    assert "±" in rows["Random"]

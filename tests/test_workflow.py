@@ -49,6 +49,11 @@ def test_tiny_workflow_end_to_end(tmp_path: Path) -> None:
     for label in ("ss", "mh"):
         assert "± " in (results / "tables" / f"{label}.md").read_text()
         assert r"\begin{tabular}" in (results / "tables" / f"{label}.tex").read_text()
+    report = (results / "REPORT.md").read_text()
+    assert "## Scenario MH" in report and "--configfile tests/data/tiny-workflow.yaml" in report
+    for kind in ("pseudo-tasks", "curves", "tradeoff"):
+        assert (results / "figures" / f"{kind}-mh.pdf").stat().st_size > 1000
+    assert (results / "tables" / "reference.md").is_file()
     assert list((results / "benchmarks").glob("**/*.tsv"))
     assert list((results / "logs").glob("**/*.log"))
     again = snakemake(*args)  # complete workflow: nothing left to do
@@ -59,7 +64,7 @@ def test_default_dag_resolves() -> None:
     result = snakemake("-n", "--cores", "1", "--quiet", "rules")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert "train_zoo" in out and "run_method" in out and "tables" in out
+    assert "train_zoo" in out and "run_method" in out and "report" in out
 
 
 def test_lint_has_only_conda_advice() -> None:

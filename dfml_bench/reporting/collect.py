@@ -13,8 +13,11 @@ from dfml_bench.errors import DfmlError
 SUMMARY_COLUMNS = [
     "scenario",
     "dataset",
+    "datasets",
     "method",
     "backbone",
+    "zoo_teachers",
+    "zoo_architectures",
     "ways",
     "shots",
     "seed",
@@ -37,6 +40,9 @@ SUMMARY_COLUMNS = [
     "device",
     "torch",
     "git_commit",
+    "machine",
+    "created",
+    "run_dir",
     "record",
 ]
 
@@ -55,6 +61,12 @@ def read_records(results_dir: Path) -> pd.DataFrame:
         rows.append(
             {
                 **{key: record.get(key) for key in SUMMARY_COLUMNS},
+                "datasets": "+".join(record.get("datasets") or [record.get("dataset", "")]),
+                "zoo_teachers": record.get("zoo", {}).get("teachers"),
+                "zoo_architectures": "+".join(record.get("zoo", {}).get("architectures", [])),
+                "run_dir": record.get("spec", {}).get("run_dir"),
+                "created": record.get("created"),
+                "machine": env.get("machine"),
                 "recovered_images": timings.get("images_recovered", timings.get("pseudo_images")),
                 "recovery_s_per_task": timings.get("recovery_s_per_task"),
                 "device": env.get("device"),

@@ -1,21 +1,26 @@
 """Paper-style tables from summary.csv: rows = methods, columns = dataset x shots, mean +- CI.
 
-With several seeds a cell is the mean over seeds with a 95% CI across seeds; with one seed it is
-that run's mean with its CI over test episodes.
+With several seeds a cell is the mean over seeds with a Student-t 95% CI across seeds; with one
+seed it is that run's mean with its CI over test episodes. The layout follows the PURER and FREE
+papers: baselines first, then the DFML methods and their ablations, the oracle in its own block,
+the best data-free result of each column in bold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from dfml_bench import atomic
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.stats import mean_ci95
+from dfml_bench.evaluation.stats import mean_ci95_across_seeds
+from dfml_bench.reporting.collect import SUMMARY_COLUMNS
+from dfml_bench.reporting.naming import method_display, method_rank
+from dfml_bench.reporting.reference import reference_markdown
 from dfml_bench.reporting.speed import speed_markdown
 
-METHOD_ORDER = ["random", "average", "ota", "dro", "purer", "free", "oracle"]
 DASH_NOTE = (
     "— : the method does not apply to this zoo (reason in its run record) or no run. "
     "† : not data-free (trained on real meta-train data), an upper bound."
@@ -24,11 +29,10 @@ PROTOCOL_NOTES = {
     "clean": "clean protocol: checkpoint chosen on meta-val, reported on meta-test",
     "paper": "paper protocol: maximum meta-test accuracy over periodic evaluations",
 }
-
-
-def _method_rank(method: str) -> tuple[int, str]:
-    base = method.split("-")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+EMBEDDED_NOTE = (
+    "the embedded synthetic dataset (generated offline), standing in for the papers' "
+    "CIFAR-FS / MiniImageNet / CUB"
+)
 
 
 def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
@@ -41,7 +45,7 @@ def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         group = group.dropna(subset=["acc_mean"])
         if len(group) > 1:
-            mean, ci95 = mean_ci95(group["acc_mean"].tolist())
+            mean, ci95 = mean_ci95_across_seeds(group["acc_mean"].tolist())
         else:
             mean, ci95 = float(group["acc_mean"].iloc[0]), float(group["acc_ci95"].iloc[0])
         rows.append(
@@ -56,17 +60,14 @@ def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _column_label(dataset: str, stand_in: object, shots: int) -> str:
-    name = (
-        f"{dataset} (stand-in for {stand_in})"
-        if isinstance(stand_in, str) and stand_in
-        else dataset
-    )
-    return f"{name} {shots}-shot"
+def dataset_label(dataset: str, stand_in: object) -> str:
+    if isinstance(stand_in, str) and stand_in:
+        return f"{dataset} (stand-in for {stand_in})"
+    return dataset
 
 
 def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFrame]:
-    """Per protocol, a methods x columns frame of (mean, ci95) tuples; missing cells are None.
+    """Per protocol, a methods x (dataset, "K-shot") frame of (mean, ci95) tuples (None: no value).
 
     Methods that are not data-free (the oracle) come last, in `table.attrs["upper_bounds"]`."""
     rows = frame[frame["scenario"] == scenario]
@@ -77,71 +78,117 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
         subset = cells[cells["protocol"] == protocol]
         if subset.empty:
             continue
-        columns = sorted(
-            {(r.dataset, r.stand_in_for, r.shots) for r in subset.itertuples()},
+        column_keys = sorted(
+            {(r.dataset, r.stand_in_for, int(r.shots)) for r in subset.itertuples()},
             key=lambda c: (c[0], c[2]),
         )
+        columns = pd.MultiIndex.from_tuples(
+            [(dataset_label(d, s), f"{k}-shot") for d, s, k in column_keys],
+            names=["dataset", "shots"],
+        )
         methods = sorted(
-            subset["method"].unique(), key=lambda m: (m in upper_bounds, _method_rank(m))
+            subset["method"].unique(), key=lambda m: (m in upper_bounds, method_rank(m))
         )
-        table = pd.DataFrame(
-            index=methods, columns=[_column_label(*c) for c in columns], dtype=object
-        )
+        table = pd.DataFrame(index=methods, columns=columns, dtype=object)
         for row in subset.itertuples():
             if row.mean is None or pd.isna(row.mean):
                 continue
-            table.loc[row.method, _column_label(row.dataset, row.stand_in_for, row.shots)] = (
-                row.mean,
-                row.ci95,
-            )
+            column = (dataset_label(row.dataset, row.stand_in_for), f"{int(row.shots)}-shot")
+            table.at[row.method, column] = (row.mean, row.ci95)
         table.attrs["upper_bounds"] = upper_bounds & set(methods)
         tables[protocol] = table
     return tables
 
 
-def _best(table: pd.DataFrame, column: str) -> str | None:
-    """The best data-free method of a column (upper bounds never get the bold)."""
+def best_methods(table: pd.DataFrame, column: object) -> set[str]:
+    """The best data-free method(s) of a column at the printed precision (ties all get the bold;
+    upper bounds never do)."""
     excluded = table.attrs.get("upper_bounds", set())
     values = {
-        m: v[0] for m, v in table[column].items() if isinstance(v, tuple) and m not in excluded
+        m: round(v[0], 2)
+        for m, v in table[column].items()
+        if isinstance(v, tuple) and m not in excluded
     }
-    return max(values, key=values.get) if values else None
+    if not values:
+        return set()
+    top = max(values.values())
+    return {method for method, value in values.items() if value == top}
 
 
-def _row_label(table: pd.DataFrame, method: str) -> str:
-    return f"{method} †" if method in table.attrs.get("upper_bounds", set()) else method
+def _row_label(table: pd.DataFrame, method: str, dagger: str) -> str:
+    upper = method in table.attrs.get("upper_bounds", set())
+    return method_display(method) + (dagger if upper else "")
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    rendered = pd.DataFrame(index=table.index, columns=table.columns, dtype=object)
-    for column in table.columns:
-        best = _best(table, column)
+    """GitHub Markdown: one header row "dataset K-shot" (Markdown has no spanning headers)."""
+    flat = [f"{dataset} {shots}" for dataset, shots in table.columns]
+    rendered = pd.DataFrame(index=table.index, columns=flat, dtype=object)
+    for column, label in zip(table.columns, flat):
+        best = best_methods(table, column)
         for method, value in table[column].items():
             if not isinstance(value, tuple):
-                rendered.loc[method, column] = "—"
+                rendered.at[method, label] = "—"
                 continue
             text = f"{value[0]:.2f} ± {value[1]:.2f}"
-            rendered.loc[method, column] = f"**{text}**" if method == best else text
-    rendered.index = [_row_label(table, method) for method in rendered.index]
+            rendered.at[method, label] = f"**{text}**" if method in best else text
+    rendered.index = [_row_label(table, method, " †") for method in rendered.index]
     rendered.index.name = "method"
     return rendered.to_markdown()
 
 
-def to_latex(table: pd.DataFrame, caption: str) -> str:
-    header = " & ".join(["Method", *[c.replace("_", r"\_") for c in table.columns]])
+def latex_escape(text: str) -> str:
+    """Escape the characters LaTeX treats specially, and spell the few non-ASCII ones we print."""
+    replacements = {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+        "±": r"$\pm$",
+        "—": "---",
+        "–": "--",
+        "†": r"$^\dagger$",
+        "×": r"$\times$",
+    }
+    return "".join(replacements.get(char, char) for char in text)
+
+
+def to_latex(table: pd.DataFrame, caption: str, label: str | None = None) -> str:
+    """booktabs table in the papers' layout: a dataset header spanning its shots columns."""
+    groups: list[tuple[str, int]] = []
+    for dataset, _ in table.columns:
+        if groups and groups[-1][0] == dataset:
+            groups[-1] = (dataset, groups[-1][1] + 1)
+        else:
+            groups.append((dataset, 1))
+    spans, rules, start = [], [], 2
+    for dataset, width in groups:
+        spans.append(rf"\multicolumn{{{width}}}{{c}}{{{latex_escape(dataset)}}}")
+        rules.append(rf"\cmidrule(lr){{{start}-{start + width - 1}}}")
+        start += width
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{caption}}}",
+        rf"\caption{{{latex_escape(caption)}}}",
+        *([rf"\label{{{label}}}"] if label else []),
         r"\begin{tabular}{l" + "c" * len(table.columns) + "}",
         r"\toprule",
-        header + r" \\",
+        " & ".join(["", *spans]) + r" \\",
+        " ".join(rules),
+        " & ".join(["Method", *[latex_escape(shots) for _, shots in table.columns]]) + r" \\",
         r"\midrule",
     ]
-    best = {column: _best(table, column) for column in table.columns}
+    best = {column: best_methods(table, column) for column in table.columns}
     upper_bounds = table.attrs.get("upper_bounds", set())
+    first_upper = next((m for m in table.index if m in upper_bounds), None)
     for method, row in table.iterrows():
-        if method in upper_bounds and method == next(m for m in table.index if m in upper_bounds):
+        if method == first_upper:
             lines.append(r"\midrule")  # upper bounds (not data-free) in their own block
         cells = []
         for column, value in row.items():
@@ -149,42 +196,109 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
                 cells.append("---")
                 continue
             text = f"{value[0]:.2f} $\\pm$ {value[1]:.2f}"
-            cells.append(rf"\textbf{{{text}}}" if best[column] == method else text)
-        label = method.replace("_", r"\_") + (r"$^\dagger$" if method in upper_bounds else "")
-        lines.append(" & ".join([label, *cells]) + r" \\")
+            cells.append(rf"\textbf{{{text}}}" if method in best[column] else text)
+        lines.append(" & ".join([latex_escape(_row_label(table, method, "†")), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(summary_csv: Path | str, out_dir: Path | str) -> list[Path]:
-    summary_csv, out_dir = Path(summary_csv), Path(out_dir)
+def dataset_notes(datasets: Iterable[str], stand_ins: dict[str, str]) -> str:
+    """Which dataset stands in for which of the papers'; what "mixed" (MH) is made of."""
+    notes = []
+    for mixture in sorted({name for name in datasets if "+" in name}):
+        notes.append(f"mixed = mean over the test splits of {mixture.replace('+', ', ')}")
+    names = sorted({part for name in datasets for part in name.split("+")})
+    embedded = [name for name in names if name.startswith("glyphs")]
+    if embedded:
+        verb = "is" if len(embedded) == 1 else "are domains of"
+        notes.append(f"{', '.join(embedded)} {verb} {EMBEDDED_NOTE}")
+    for name in names:
+        if stand_ins.get(name):
+            notes.append(f"{name} stands in for {stand_ins[name]}")
+        elif name == "omniglot":
+            notes.append("omniglot (not in the papers) is a real-data domain of its own")
+    return ("Datasets: " + "; ".join(notes) + ".") if notes else ""
+
+
+def table_note(rows: pd.DataFrame, protocol: str) -> str:
+    """Protocol, episodes, seeds, CI kind and dataset stand-ins: what a reader must know."""
+    seeds = sorted(int(seed) for seed in rows["seed"].unique())
+    episodes = sorted(int(e) for e in rows.loc[rows["episodes"] > 0, "episodes"].unique())
+    constituents = [str(value) for value in rows["datasets"]]
+    stand_ins = {
+        str(d): str(s)
+        for d, s in zip(rows["dataset"], rows["stand_in_for"])
+        if isinstance(s, str) and s
+    }
+    seeds_text = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+    ci_text = "Student-t CI across seeds" if len(seeds) > 1 else "CI over test episodes"
+    parts = [
+        f"{PROTOCOL_NOTES[protocol]}; test episodes per run: {', '.join(map(str, episodes))}; "
+        f"{seeds_text}; {ci_text}.",
+        dataset_notes(constituents, stand_ins),
+    ]
+    return " ".join(part for part in parts if part)
+
+
+def read_summary(summary_csv: Path | str) -> pd.DataFrame:
+    summary_csv = Path(summary_csv)
     if not summary_csv.is_file():
         raise DfmlError(f"{summary_csv} not found; run `dfml-bench collect` first")
     frame = pd.read_csv(summary_csv)
-    frame["stand_in_for"] = frame["stand_in_for"].astype("string").fillna("")
+    missing = [column for column in SUMMARY_COLUMNS if column not in frame]
+    if missing:
+        raise DfmlError(
+            f"{summary_csv} lacks columns {', '.join(missing)} (written by an older version?); "
+            "rebuild it with `dfml-bench collect`"
+        )
+    for column in ("stand_in_for", "datasets"):
+        frame[column] = frame[column].astype("string").fillna("")
+    frame["datasets"] = frame["datasets"].where(frame["datasets"] != "", frame["dataset"])
+    return frame
+
+
+def scenario_markdown(frame: pd.DataFrame, scenario: str, heading_level: int = 1) -> str:
+    """Both protocols' tables of one scenario with their notes, as Markdown."""
+    rows = frame[frame["scenario"] == scenario]
+    hashes = "#" * heading_level
+    parts = [f"{hashes} Scenario {scenario.upper()}: 5-way accuracy (%), mean ± 95% CI\n"]
+    for protocol, table in scenario_tables(frame, scenario).items():
+        note = table_note(rows[rows["protocol"] == protocol], protocol)
+        parts += [
+            f"{hashes}# {protocol.capitalize()} protocol\n",
+            to_markdown(table),
+            "",
+            f"*{note} Best data-free result per column in bold. {DASH_NOTE}*",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def scenario_latex(frame: pd.DataFrame, scenario: str) -> str:
+    rows = frame[frame["scenario"] == scenario]
+    tables = []
+    for protocol, table in scenario_tables(frame, scenario).items():
+        note = table_note(rows[rows["protocol"] == protocol], protocol)
+        caption = (
+            f"{scenario.upper()}: 5-way accuracy (%), mean ± 95% CI; {note} "
+            f"Best data-free result per column in bold; † not data-free (upper bound); "
+            f"— not applicable."
+        )
+        tables.append(to_latex(table, caption, label=f"tab:{scenario}-{protocol}"))
+    return "\n".join(tables)
+
+
+def write_tables(summary_csv: Path | str, out_dir: Path | str) -> list[Path]:
+    frame = read_summary(summary_csv)
+    out_dir = Path(out_dir)
     written = []
     for scenario in sorted(frame["scenario"].unique()):
-        tables = scenario_tables(frame, scenario)
-        scenario_rows = frame[frame["scenario"] == scenario]
-        seeds = sorted(scenario_rows["seed"].unique())
-        episodes = sorted(scenario_rows.loc[scenario_rows["episodes"] > 0, "episodes"].unique())
-        markdown = [f"# Scenario {scenario.upper()}: 5-way accuracy (%), mean ± 95% CI\n"]
-        latex = []
-        for protocol, table in tables.items():
-            note = (
-                f"{PROTOCOL_NOTES[protocol]}; test episodes per run: "
-                f"{', '.join(map(str, episodes))}; seeds: {', '.join(map(str, seeds))}"
-                + ("; CI across seeds" if len(seeds) > 1 else "; CI over test episodes")
-            )
-            markdown += [
-                f"## {protocol.capitalize()} protocol\n",
-                to_markdown(table),
-                "",
-                f"*{note}. Best result per column in bold. {DASH_NOTE}*",
-                "",
-            ]
-            latex.append(to_latex(table, f"{scenario.upper()}, {note}."))
-        written.append(atomic.write_text(out_dir / f"{scenario}.md", "\n".join(markdown)))
-        written.append(atomic.write_text(out_dir / f"{scenario}.tex", "\n".join(latex)))
+        written.append(
+            atomic.write_text(out_dir / f"{scenario}.md", scenario_markdown(frame, scenario))
+        )
+        written.append(
+            atomic.write_text(out_dir / f"{scenario}.tex", scenario_latex(frame, scenario))
+        )
     written.append(atomic.write_text(out_dir / "speed.md", speed_markdown(frame)))
+    written.append(atomic.write_text(out_dir / "reference.md", reference_markdown(frame)))
     return written

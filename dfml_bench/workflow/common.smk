@@ -4,6 +4,7 @@ import sys
 
 from dfml_bench.config import all_runs, parse_workflow_config, run_spec, zoo_dir
 from dfml_bench.errors import DfmlError
+from dfml_bench.reporting.figures import FIGURE_KINDS, FORMATS as FIGURE_FORMATS
 
 try:
     CFG = parse_workflow_config(config, "workflow config")
@@ -14,6 +15,10 @@ RESULTS = CFG.results_dir
 RUNS = all_runs(CFG)
 LABELS = sorted({CFG.scenarios[scenario].label.lower() for scenario, *_ in RUNS})
 DFML = f'"{sys.executable}" -m dfml_bench --quiet'
+# quoted in REPORT.md as the command that reproduces every number
+REPRODUCE = "snakemake --cores all" + "".join(
+    f" --configfile {os.path.relpath(path, workflow.basedir)}" for path in workflow.configfiles
+)
 DATA_OPTIONS = " ".join(
     f"--{flag} {value}"
     for flag, value in (("data-root", CFG.data_root), ("cache-dir", CFG.cache_dir))

@@ -17,17 +17,27 @@ rule collect:
         "{params.dfml} collect --results-dir {params.results:q} > {log:q} 2>&1"
 
 
-rule tables:
-    """Markdown and LaTeX table per scenario (SS, SH, MH) and the data-recovery speed table."""
+rule report:
+    """Tables (Markdown + LaTeX per scenario, speed, published vs measured), figures (PNG + PDF)
+    and REPORT.md, all from summary.csv and the records."""
     input:
         rules.collect.output,
     output:
-        [f"{RESULTS}/tables/{label}.{ext}" for label in LABELS for ext in ("md", "tex")]
-        + [f"{RESULTS}/tables/speed.md"],
+        tables=[f"{RESULTS}/tables/{label}.{ext}" for label in LABELS for ext in ("md", "tex")]
+        + [f"{RESULTS}/tables/speed.md", f"{RESULTS}/tables/reference.md"],
+        figures=[
+            f"{RESULTS}/figures/{kind}-{label}.{ext}"
+            for kind in FIGURE_KINDS
+            for label in LABELS
+            for ext in FIGURE_FORMATS
+        ],
+        report=f"{RESULTS}/REPORT.md",
     log:
-        f"{RESULTS}/logs/tables.log",
+        f"{RESULTS}/logs/report.log",
     params:
         dfml=DFML,
-        out=lambda wildcards, output: os.path.dirname(output[0]),
+        results=lambda wildcards, output: os.path.dirname(output.report),
+        command=REPRODUCE,
     shell:
-        "{params.dfml} table --summary {input:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.dfml} report --results-dir {params.results:q} --summary {input:q}"
+        " --command {params.command:q} > {log:q} 2>&1"
