@@ -131,6 +131,52 @@ def _cmd_report(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import importlib.util
+    import os
+    import subprocess
+
+    from dfml_bench import atomic
+    from dfml_bench.device import resolve_device
+    from dfml_bench.reporting.bench import write_bench_markdown
+
+    suite = Path(__file__).resolve().parents[1] / "tests" / "bench"
+    if not suite.is_dir():
+        raise DfmlError(
+            f"the benchmark suite is not at {suite}; run from a source checkout installed with "
+            "pip install -e '.[test]'"
+        )
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise DfmlError("pytest-benchmark is not installed; pip install -e '.[test]'")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    target = out / f"bench-{args.label or device.type}.json"
+    env = os.environ | {"DFML_BENCH_DEVICE": device.type, "DFML_BENCH_SMOKE": str(int(args.smoke))}
+    with atomic.atomic_path(target) as tmp:  # a failed or interrupted suite leaves no JSON
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                str(suite),
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-o",
+                "addopts=",
+                "--benchmark-only",
+                f"--benchmark-json={tmp}",
+                *(["-k", args.select] if args.select else []),
+            ],
+            env=env,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise DfmlError(f"the benchmark suite failed (pytest exit {result.returncode})")
+    print(target)
+    print(write_bench_markdown(out))
+
+
 def _cmd_methods(args: argparse.Namespace) -> None:
     from dfml_bench.methods import method_class, method_names
 
@@ -197,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workflow command that produced the records, quoted in the report",
     )
     report.set_defaults(handler=_cmd_report)
+
+    bench = sub.add_parser(
+        "bench", help="run the pytest-benchmark suite; JSON and a Markdown table to results/bench"
+    )
+    bench.add_argument("--out", default="results/bench")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--label", help="JSON name: bench-LABEL.json (default: the device type)")
+    bench.add_argument("--select", help="pytest -k expression: run only matching benchmarks")
+    bench.add_argument("--smoke", action="store_true", help="small sizes, for a quick check")
+    bench.set_defaults(handler=_cmd_bench)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(handler=_cmd_methods)
