@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from dfml_bench.config import RunSpec
 from dfml_bench.cli import main
+from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods import MetaModelSpec
 from dfml_bench.reporting.collect import collect

@@ -3,7 +3,7 @@ sees exactly the same test tasks (paired comparisons) and episodes can be drawn 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,17 @@ class Episode:
     query_images: torch.Tensor  # uint8 [N*Q, 3, H, W]
     query_labels: torch.Tensor  # int64 [N*Q]
     class_ids: tuple[int, ...]  # indices into the split's class_names
+
+
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """Episodes stacked along a leading task dim T, to adapt them together (vmap over tasks)."""
+
+    support_images: torch.Tensor  # uint8 [T, N*K, 3, H, W]
+    support_labels: torch.Tensor  # int64 [T, N*K]
+    query_images: torch.Tensor  # uint8 [T, N*Q, 3, H, W]
+    query_labels: torch.Tensor  # int64 [T, N*Q]
+    class_ids: tuple[tuple[int, ...], ...]
 
 
 class EpisodeSampler:
@@ -45,23 +56,50 @@ class EpisodeSampler:
     def __iter__(self) -> Iterator[Episode]:
         return (self.episode(index) for index in range(self.num_episodes))
 
-    def episode(self, index: int) -> Episode:
+    def _draw(self, index: int) -> tuple[tuple[int, ...], torch.Tensor]:
+        """Episode `index`'s classes and its image indices, support ([:N*K]) then query."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         classes = torch.randperm(self.split.num_classes, generator=generator)[: self.ways].tolist()
-        support, query = [], []
-        for class_id in classes:
-            pool = self._by_class[class_id]
-            chosen = pool[
-                torch.randperm(len(pool), generator=generator)[: self.shots + self.queries]
+        chosen = torch.stack(
+            [
+                self._by_class[c][
+                    torch.randperm(len(self._by_class[c]), generator=generator)[
+                        : self.shots + self.queries
+                    ]
+                ]
+                for c in classes
             ]
-            support.append(chosen[: self.shots])
-            query.append(chosen[self.shots :])
-        support_index, query_index = torch.cat(support), torch.cat(query)
+        )  # [N, K + Q]
+        return tuple(classes), torch.cat(
+            [chosen[:, : self.shots].flatten(), chosen[:, self.shots :].flatten()]
+        )
+
+    def _labels(self) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.arange(self.ways)
+        return labels.repeat_interleave(self.shots), labels.repeat_interleave(self.queries)
+
+    def episode(self, index: int) -> Episode:
+        classes, indices = self._draw(index)
+        images = self.split.images[indices]  # one gather for support and query
+        support_labels, query_labels = self._labels()
         return Episode(
-            support_images=self.split.images[support_index],
-            support_labels=labels.repeat_interleave(self.shots),
-            query_images=self.split.images[query_index],
-            query_labels=labels.repeat_interleave(self.queries),
-            class_ids=tuple(classes),
+            support_images=images[: support_labels.numel()],
+            support_labels=support_labels,
+            query_images=images[support_labels.numel() :],
+            query_labels=query_labels,
+            class_ids=classes,
+        )
+
+    def batch(self, indices: Sequence[int]) -> EpisodeBatch:
+        """Episodes `indices` (each exactly as `episode` draws it) stacked along a task dim."""
+        draws = [self._draw(index) for index in indices]
+        images = self.split.images[torch.stack([drawn for _, drawn in draws])]
+        support_labels, query_labels = self._labels()
+        tasks = len(draws)
+        return EpisodeBatch(
+            support_images=images[:, : support_labels.numel()],
+            support_labels=support_labels.expand(tasks, -1),
+            query_images=images[:, support_labels.numel() :],
+            query_labels=query_labels.expand(tasks, -1),
+            class_ids=tuple(classes for classes, _ in draws),
         )

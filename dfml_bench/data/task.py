@@ -15,3 +15,15 @@ class Task:
     support_labels: torch.Tensor
     query_images: torch.Tensor
     query_labels: torch.Tensor
+
+
+def stack_tasks(tasks: list[Task]) -> Task:
+    """Tasks of equal shapes stacked along a new leading task dim, to adapt them under vmap.
+
+    Stacking keeps the autograd graph, so gradients still reach images that carry them."""
+    return Task(
+        *(
+            torch.stack([getattr(task, field) for task in tasks])
+            for field in ("support_images", "support_labels", "query_images", "query_labels")
+        )
+    )

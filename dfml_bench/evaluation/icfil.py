@@ -151,7 +151,7 @@ def invert_adapted(
     shape = (labels.numel(), *support_images.shape[1:])
     # drawn on the generator's device (CPU in the harness) so the draw is device-independent
     initial = torch.randn(shape, generator=generator, device=generator.device)
-    images = _channels_last(initial.to(device)).requires_grad_()
+    images = _channels_last(initial.to(device, support_images.dtype)).requires_grad_()
     if settings.inversion_steps == 0:
         return images.detach(), labels
 

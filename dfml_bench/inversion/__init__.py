@@ -7,21 +7,27 @@ from dfml_bench.inversion.deepinversion import (
     bn_feature_statistics,
     deep_inversion_loss,
     deep_inversion_loss_over_teachers,
+    draw_shift,
     fit_to_teacher,
     l2_prior,
     random_jitter,
     total_variation,
 )
+from dfml_bench.inversion.vectorised import InversionStrategy, StackedTeachers, resolve_strategy
 
 __all__ = [
     "BNStatistics",
     "DeepInversionWeights",
     "InversionLoss",
+    "InversionStrategy",
+    "StackedTeachers",
     "bn_feature_statistics",
     "deep_inversion_loss",
     "deep_inversion_loss_over_teachers",
+    "draw_shift",
     "fit_to_teacher",
     "l2_prior",
     "random_jitter",
+    "resolve_strategy",
     "total_variation",
 ]

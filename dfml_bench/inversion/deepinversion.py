@@ -103,9 +103,15 @@ def random_jitter(
     batch."""
     if max_shift == 0:
         return images
-    device = generator.device if generator is not None else None
-    dy, dx = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator, device=device)
+    dy, dx = draw_shift(max_shift, generator)
     return torch.roll(images, shifts=(int(dy), int(dx)), dims=(-2, -1))
+
+
+def draw_shift(max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The (dy, dx) of one `random_jitter` call, on the generator's device: the one RNG call a
+    jitter makes, shared with the vectorised path so both consume the stream identically."""
+    device = generator.device if generator is not None else None
+    return torch.randint(-max_shift, max_shift + 1, (2,), generator=generator, device=device)
 
 
 @dataclass
@@ -120,24 +126,43 @@ class DeepInversionWeights:
 
 @dataclass
 class InversionLoss:
-    """`total` is the weighted loss (differentiable w.r.t. the images); the other fields are the
-    UNWEIGHTED terms as floats, for logging."""
+    """`total` is the weighted loss (differentiable w.r.t. the images); `terms` holds the UNWEIGHTED
+    (ce, bn, tv, l2), detached and still on the device. Reading `.ce`, `.bn`, `.tv` or `.l2`
+    copies all four to the host once (one device sync per loss, none while losses are summed)."""
 
     total: torch.Tensor
-    ce: float
-    bn: float
-    tv: float
-    l2: float
+    terms: torch.Tensor
     logits: torch.Tensor | None = field(default=None, repr=False)  # teacher's, single loss only
+    _values: list[float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def values(self) -> list[float]:
+        """[ce, bn, tv, l2] as floats, fetched from the device on first use."""
+        if self._values is None:
+            self._values = self.terms.tolist()
+        return self._values
+
+    @property
+    def ce(self) -> float:
+        return self.values()[0]
+
+    @property
+    def bn(self) -> float:
+        return self.values()[1]
+
+    @property
+    def tv(self) -> float:
+        return self.values()[2]
+
+    @property
+    def l2(self) -> float:
+        return self.values()[3]
 
     def __add__(self, other: InversionLoss) -> InversionLoss:
-        return InversionLoss(
-            self.total + other.total,
-            self.ce + other.ce,
-            self.bn + other.bn,
-            self.tv + other.tv,
-            self.l2 + other.l2,
-        )
+        return InversionLoss(self.total + other.total, self.terms + other.terms)
+
+    def __repr__(self) -> str:
+        ce, bn, tv, l2 = self.values()
+        return f"InversionLoss(ce={ce:.4g}, bn={bn:.4g}, tv={tv:.4g}, l2={l2:.4g})"
 
 
 @contextmanager
@@ -200,8 +225,7 @@ def deep_inversion_loss(
     tv = total_variation(jittered)
     l2 = l2_prior(jittered)
     total = weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2
-    terms = torch.stack([ce, bn, tv, l2]).detach().tolist()  # one device sync, not four
-    return InversionLoss(total, *terms, logits=logits)
+    return InversionLoss(total, torch.stack([ce, bn, tv, l2]).detach(), logits=logits)
 
 
 def deep_inversion_loss_over_teachers(

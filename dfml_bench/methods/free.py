@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import torch
@@ -40,6 +40,12 @@ from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
 from dfml_bench.inversion.pool import save_image_rows
+from dfml_bench.inversion.vectorised import (
+    InversionStrategy,
+    StackedTeachers,
+    draw_jitter_shifts,
+    resolve_strategy,
+)
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.maml import Params, maml_outer_loss
 from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
@@ -78,6 +84,9 @@ class FreeSettings(BaseModel):
     max_replay_batches: int = Field(100, ge=1, description="cap per epoch (ours)")
     memory_capacity: int | None = Field(None, ge=1, description="None: keep every image")
     checkpoints: int = Field(10, ge=1)
+    inversion_strategy: InversionStrategy = Field(
+        "auto", description="adapt the generators teacher by teacher (loop) or all sampled at once"
+    )
 
 
 def masked_adversarial_loss(
@@ -120,6 +129,9 @@ class Free(Method):
         torch.manual_seed(context.seed)
         generator = torch.Generator().manual_seed(context.seed)
         teachers = load_teachers(context)
+        stacked = None
+        if resolve_strategy(settings.inversion_strategy, device) == "vectorised":
+            stacked = StackedTeachers(teachers)
         records = context.zoo.teachers
         spec = context.meta_model
         model = use_batch_statistics(build_model(spec.architecture, context.ways, spec.image_size))
@@ -149,17 +161,20 @@ class Free(Method):
             sampled = torch.randperm(len(teachers), generator=generator)[:count].tolist()
             started = time.perf_counter()
             recovered, meta_gradients = [], []
-            for index in sampled:
-                images, gradients = self._recover(
-                    meta_gen,
-                    teachers[index],
-                    model,
-                    len(records[index].class_ids),
-                    settings,
-                    weights,
-                    generator,
-                    device,
+            counts = [len(records[index].class_ids) for index in sampled]
+            results: Iterable[tuple[torch.Tensor, list[torch.Tensor]]]
+            if stacked is None:  # lazily, one teacher after the other
+                results = (
+                    self._recover(
+                        meta_gen, teachers[i], model, n, settings, weights, generator, device
+                    )
+                    for i, n in zip(sampled, counts)
                 )
+            else:
+                results = self._recover_together(
+                    meta_gen, stacked, sampled, model, counts, settings, weights, generator, device
+                )
+            for index, (images, gradients) in zip(sampled, results):
                 local = torch.arange(len(records[index].class_ids), device=device)
                 local = local.repeat_interleave(settings.per_class)
                 absolute = torch.tensor(records[index].class_ids, device=device)[local]
@@ -225,6 +240,82 @@ class Free(Method):
             )
             gradients = list(torch.autograd.grad(loss, list(fast.parameters())))
         return images.detach().contiguous(memory_format=torch.channels_last), gradients
+
+    def _recover_together(
+        self,
+        meta_gen: Generator,
+        stacked: StackedTeachers,
+        sampled: list[int],
+        student: nn.Module,
+        class_counts: list[int],
+        settings: FreeSettings,
+        weights: DeepInversionWeights,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """`_recover` for all sampled teachers at once: one fast generator and optimizer each, but
+        one vmapped DeepInversion loss per step. Latents and jitter shifts are drawn up front in
+        `_recover`'s order (per teacher: latents, then one shift per loss), so both strategies see
+        the same random numbers; the losses are independent, so one backward of their sum gives
+        each generator its own gradient."""
+        losses_per_teacher = settings.generator_steps + int(self.meta_generator)
+        fasts, latents, targets, optimizers, shifts = [], [], [], [], []
+        for num_classes in class_counts:
+            if self.meta_generator:
+                fast = copy.deepcopy(meta_gen)
+            else:
+                fast = Generator(meta_gen.image_size, meta_gen.latent_dim, meta_gen.width)
+                fast = fast.to(device)
+            count = num_classes * settings.per_class
+            latent = torch.randn(count, settings.latent_dim, generator=generator).to(device)
+            latent.requires_grad_()
+            shifts.append(draw_jitter_shifts(losses_per_teacher, settings.jitter, generator))
+            fasts.append(fast)
+            latents.append(latent)
+            targets.append(
+                torch.arange(num_classes, device=device).repeat_interleave(settings.per_class)
+            )
+            optimizers.append(
+                torch.optim.Adam(
+                    [*fast.parameters(), latent], lr=settings.generator_lr, betas=(0.5, 0.999)
+                )
+            )
+        student_params = {k: v.detach() for k, v in student.named_parameters()}
+
+        def loss(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+            images = [fast(latent) for fast, latent in zip(fasts, latents)]
+            step_shifts = None if settings.jitter == 0 else torch.stack([s[step] for s in shifts])
+            inversion, logits = stacked.loss(
+                images, targets, weights, settings.jitter, generator, sampled, step_shifts
+            )
+            objective = inversion.total
+            if settings.adversarial_weight != 0:
+                for teacher_logits, teacher_images in zip(logits, images):
+                    student_logits = functional_call(student, student_params, (teacher_images,))
+                    adversarial = masked_adversarial_loss(
+                        teacher_logits, student_logits[:, : teacher_logits.shape[1]]
+                    )
+                    objective = objective + settings.adversarial_weight * adversarial
+            return images, objective
+
+        for step in range(settings.generator_steps):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss(step)[1].backward()
+            for optimizer in optimizers:
+                optimizer.step()
+        gradients: list[list[torch.Tensor]] = [[] for _ in fasts]
+        if self.meta_generator:
+            images, objective = loss(settings.generator_steps)
+            params = [list(fast.parameters()) for fast in fasts]
+            flat = iter(torch.autograd.grad(objective, [p for ps in params for p in ps]))
+            gradients = [[next(flat) for _ in ps] for ps in params]
+        else:
+            images = [fast(latent) for fast, latent in zip(fasts, latents)]
+        return [
+            (image.detach().contiguous(memory_format=torch.channels_last), grads)
+            for image, grads in zip(images, gradients)
+        ]
 
     @staticmethod
     def _generator_loss(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +34,7 @@ from dfml_bench.inversion import (
     deep_inversion_loss_over_teachers,
 )
 from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
+from dfml_bench.inversion.vectorised import InversionStrategy, StackedTeachers, resolve_strategy
 from dfml_bench.methods.average import average_of_zoo
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.maml import maml_outer_loss
@@ -63,6 +64,9 @@ class PurerSettings(BaseModel):
     curriculum_patience: int = Field(6, ge=1)
     adversarial_weight: float = Field(10.0, ge=0)
     checkpoints: int = Field(10, ge=1, description="evenly spaced evaluations")
+    inversion_strategy: InversionStrategy = Field(
+        "auto", description="teachers one by one (loop) or vmapped; auto: vectorised on CUDA"
+    )
 
 
 class CurriculumSwitch:
@@ -102,7 +106,7 @@ class Adversary:
 
 
 def eci_data_step(
-    teachers: list[nn.Module],
+    teachers: Sequence[nn.Module] | StackedTeachers,
     pool: PseudoImagePool,
     optimizer: torch.optim.Optimizer,
     weights: DeepInversionWeights,
@@ -113,11 +117,19 @@ def eci_data_step(
 ) -> InversionLoss:
     """One Adam step on the pool: the DeepInversion loss summed over teachers (each on its own
     block), minus `adversary.weight` x the meta-model's outer loss on a pseudo task of
-    `task_shape` (ways, shots, queries) when an adversary is given. Only the pool changes."""
+    `task_shape` (ways, shots, queries) when an adversary is given. Only the pool changes.
+
+    Stacked teachers compute the same loss in one vmapped call per architecture; a list of
+    teachers inverts them one by one (the reference, and the faster path on a CPU)."""
     optimizer.zero_grad(set_to_none=True)
-    inversion = deep_inversion_loss_over_teachers(
-        teachers, list(pool.blocks), pool.local_labels, weights, jitter, generator
-    )
+    if isinstance(teachers, StackedTeachers):
+        inversion, _ = teachers.loss(
+            list(pool.blocks), pool.local_labels, weights, jitter, generator
+        )
+    else:
+        inversion = deep_inversion_loss_over_teachers(
+            teachers, list(pool.blocks), pool.local_labels, weights, jitter, generator
+        )
     objective = inversion.total
     if adversary is not None:
         task = pool.sample_task(*task_shape, generator, detach=False)
@@ -151,7 +163,9 @@ class Purer(Method):
                 f"per_class={per_class} cannot fill {context.shots}-shot tasks with "
                 f"{settings.queries} queries; set per_class >= {context.shots + settings.queries}"
             )
-        teachers = load_teachers(context)
+        teachers: list[nn.Module] | StackedTeachers = load_teachers(context)
+        if resolve_strategy(settings.inversion_strategy, device) == "vectorised":
+            teachers = StackedTeachers(teachers)
         model = self._initial_model(context).to(device, memory_format=torch.channels_last)
         pool = PseudoImagePool(
             [teacher.class_ids for teacher in context.zoo.teachers],

@@ -1,0 +1,19 @@
+"""Benchmark suite (pytest-benchmark). Run with `pytest tests/bench --benchmark-only` (the plain
+test command skips benchmarks) or `dfml-bench bench`, which also writes results/bench/bench.md.
+Environment: DFML_BENCH_DEVICE (auto|cpu|cuda); DFML_BENCH_SMOKE=1 for small sizes and one round
+(what CI runs, to check the code paths).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dfml_bench.device import resolve_device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return resolve_device(os.environ.get("DFML_BENCH_DEVICE", "auto"))
