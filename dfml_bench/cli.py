@@ -122,11 +122,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     results = Path(args.results_dir)
     summary = Path(args.summary or results / "summary.csv")
     tables, figures = results / "tables", results / "figures"
+    frame = read_summary(summary)
     written = write_tables(summary, tables)
-    written += write_figures(results, read_summary(summary), figures)
-    written.append(
-        write_report(read_summary(summary), tables, figures, results / "REPORT.md", args.command)
-    )
+    written += write_figures(results, frame, figures)
+    bench = results / "bench" / "bench.md"
+    written.append(write_report(frame, tables, figures, results / "REPORT.md", args.command, bench))
     for path in written:
         print(path)
 

@@ -88,6 +88,7 @@ def test_memory_holds_images_of_every_sampled_teacher_and_grid_is_written(
     assert method.timings.extra["images_recovered"] == 320
     assert method.timings.extra["recovery_s_per_task"] > 0
     assert (tmp_path / "recovered.png").stat().st_size > 0
+    assert (tmp_path / "pseudo-task.png").stat().st_size > 0
 
 
 def test_meta_generator_makes_fresh_images_the_teachers_recognise(toy_zoo: Zoo) -> None:

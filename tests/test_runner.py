@@ -93,9 +93,11 @@ def test_rerun_from_a_record_reproduces_it(toy_zoo_dir: Path, tmp_path: Path) ->
     assert main(["--quiet", "run", "--from-record", str(tmp_path / "kept.json")]) == 0
     again = json.loads(first.read_text())
     assert again["spec"] == original["spec"] and again["acc_mean"] == original["acc_mean"]
-    assert again["curve"] == original["curve"] == [
-        {key: original[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}
-    ]
+    assert (
+        again["curve"]
+        == original["curve"]
+        == [{key: original[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}]
+    )
 
 
 def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:

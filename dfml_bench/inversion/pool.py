@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid, save_image
 
 from dfml_bench import atomic
 from dfml_bench.data.task import Task
@@ -120,6 +119,9 @@ def save_task_grid(task: Task, ways: int, path: Path | str) -> Path:
 def save_image_rows(rows: Sequence[torch.Tensor], path: Path | str) -> Path:
     """PNG with one row per tensor of images (rows padded to the longest). Each image is min-max
     scaled on its own because pseudo images live in normalised, unbounded pixel space."""
+    # imported here: torchvision costs ~2 s at import, which every run process would pay
+    from torchvision.utils import make_grid, save_image
+
     per_row = max(row.shape[0] for row in rows)
     padded = [
         torch.cat([row, row.new_zeros(per_row - row.shape[0], *row.shape[1:])]) for row in rows

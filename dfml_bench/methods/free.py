@@ -39,7 +39,7 @@ from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_to_teacher
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
-from dfml_bench.inversion.pool import save_image_rows
+from dfml_bench.inversion.pool import save_image_rows, save_task_grid
 from dfml_bench.inversion.vectorised import (
     InversionStrategy,
     StackedTeachers,
@@ -418,8 +418,17 @@ class Free(Method):
             recovery_s_per_task=self.timings.recovery_seconds / tasks,
             replay_batches=float(replay_batches),
         )
-        if context.artifacts_dir is not None:  # one row per teacher of the last epoch
-            rows = []
+        if context.artifacts_dir is not None:
+            # a pseudo task as meta-training replays them (one row per class), drawn with its own
+            # generator so the picture never shifts the training's random stream
+            task = self.memory.sample_task(
+                context.ways,
+                context.shots,
+                settings.queries,
+                torch.Generator().manual_seed(context.seed),
+            )
+            save_task_grid(task, context.ways, context.artifacts_dir / "pseudo-task.png")
+            rows = []  # and the last epoch's images, one row per teacher
             for _, images, local in recovered:
                 keep = torch.cat([torch.nonzero(local == c).flatten()[:4] for c in local.unique()])
                 rows.append(images[keep])

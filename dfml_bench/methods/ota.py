@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
-import ot
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -52,6 +51,8 @@ def transport_matrix(cost: torch.Tensor) -> torch.Tensor:
     permutation when the optimum is unique); rows = the model's neurons, cols = the reference's."""
     n = cost.shape[0]
     uniform = np.full(n, 1.0 / n)
+    import ot  # POT pulls in scipy: imported only by the runs that align
+
     plan = ot.emd(uniform, uniform, cost.detach().double().cpu().numpy())
     return torch.as_tensor(plan * n, dtype=torch.float32)
 

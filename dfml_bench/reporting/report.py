@@ -150,6 +150,7 @@ def build_report(
     figures_dir: Path,
     report_path: Path,
     command: str,
+    bench_markdown: Path | None = None,
 ) -> str:
     def link(path: Path) -> str:
         return Path(os.path.relpath(path, report_path.parent)).as_posix()
@@ -189,6 +190,10 @@ def build_report(
     parts += [
         reference_markdown(frame, heading_level=2),
         speed_markdown(frame).replace("# Data recovery", "## Data recovery", 1),
+    ]
+    if bench_markdown is not None and bench_markdown.is_file():  # `dfml-bench bench` output
+        parts.append(bench_markdown.read_text().replace("# Benchmarks", "## Benchmarks", 1))
+    parts += [
         "## Reproduce each number\n",
         "Each run's command reruns it (and builds its zoo if missing) with Snakemake; "
         "`dfml-bench run --from-record RECORD` does the same without Snakemake once the zoo "
@@ -205,7 +210,10 @@ def write_report(
     figures_dir: Path | str,
     report_path: Path | str,
     command: str,
+    bench_markdown: Path | None = None,
 ) -> Path:
     report_path = Path(report_path)
-    text = build_report(frame, Path(tables_dir), Path(figures_dir), report_path, command)
+    text = build_report(
+        frame, Path(tables_dir), Path(figures_dir), report_path, command, bench_markdown
+    )
     return atomic.write_text(report_path, text)

@@ -1,0 +1,184 @@
+"""Data-recovery speed: PURER's ECI data step and one meta-iteration (13 Conv4 teachers), FREE's
+generator adaptation and one epoch without replay (4 teachers), teachers one by one (the loop,
+the reference) against vectorised over the zoo (torch.func.vmap)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.inversion import DeepInversionWeights
+from dfml_bench.inversion.generator import Generator
+from dfml_bench.inversion.pool import PseudoImagePool
+from dfml_bench.inversion.vectorised import StackedTeachers
+from dfml_bench.methods import create_method
+from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.methods.purer import eci_data_step
+from dfml_bench.models import build_model
+from tests.bench.helpers import SMOKE, measure, sized
+
+STRATEGIES = ["loop", "vectorised"]
+
+
+def _teachers(count: int, device: torch.device) -> list[nn.Module]:
+    """Frozen Conv4 teachers in eval mode with non-trivial BN running statistics."""
+    torch.manual_seed(0)
+    teachers = []
+    for _ in range(count):
+        teacher = build_model("conv4", 5, 32)
+        for layer in teacher.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.normal_(0, 0.1)
+                layer.running_var.uniform_(0.5, 1.5)
+        teacher = teacher.eval().requires_grad_(False).to(device)
+        teachers.append(teacher.to(memory_format=torch.channels_last))
+    return teachers
+
+
+def _zoo(strategy: str, count: int, device: torch.device) -> list[nn.Module] | StackedTeachers:
+    teachers = _teachers(count, device)
+    return StackedTeachers(teachers) if strategy == "vectorised" else teachers
+
+
+def _pool(teachers: int, per_class: int, device: torch.device) -> PseudoImagePool:
+    classes = [list(range(5 * t, 5 * t + 5)) for t in range(teachers)]
+    return PseudoImagePool(classes, per_class, 32, torch.Generator().manual_seed(0)).to(device)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_eci_data_step(benchmark, device: torch.device, strategy: str) -> None:
+    """One ECI data step: DeepInversion loss of 13 teachers, each on its 5 classes x 20 images,
+    backward, Adam on the pool (PURER's 5-shot setting)."""
+    count = sized(13, 3)
+    zoo, pool = _zoo(strategy, count, device), _pool(count, 20, device)
+    optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        eci_data_step(zoo, pool, optimizer, DeepInversionWeights(), 2, generator)
+
+    measure(
+        benchmark,
+        step,
+        device,
+        group="PURER ECI data step",
+        variant=strategy,
+        baseline=strategy == "loop",
+        settings=f"{count} conv4 teachers x 5 classes x 20 images, 32px, Adam",
+        reference_ms=297.0,
+        tasks_per_call=count,  # one 5-way task of 20 images per class per teacher
+        rounds=10,
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_purer_meta_iteration(benchmark, device: torch.device, strategy: str) -> None:
+    """One PURER meta-iteration without the curriculum: the ECI data step, then a MAML
+    meta-batch of 4 pseudo 5-way 5-shot tasks (1 inner step, second order) and Adam."""
+    count = sized(13, 3)
+    zoo, pool = _zoo(strategy, count, device), _pool(count, 20, device)
+    data_optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
+    model = use_batch_statistics(build_model("conv4", 5, 32)).to(device)
+    meta_optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+
+    def iteration() -> None:
+        eci_data_step(zoo, pool, data_optimizer, DeepInversionWeights(), 2, generator)
+        tasks = [pool.sample_task(5, 5, 15, generator) for _ in range(4)]
+        loss, _ = maml_outer_loss(model, dict(model.named_parameters()), tasks, 1, 0.01)
+        meta_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        meta_optimizer.step()
+
+    measure(
+        benchmark,
+        iteration,
+        device,
+        group="PURER meta-iteration",
+        variant=strategy,
+        baseline=strategy == "loop",
+        settings=f"{count} conv4 teachers, 5-way 5-shot pseudo tasks, meta-batch 4",
+        reference_ms=359.0,
+        rounds=5,
+    )
+
+
+def _free(strategy: str, device: torch.device):
+    """FREE at the paper's settings (generator width 64, 5 steps, 20 images per class) with 4
+    sampled teachers, and what one epoch needs."""
+    smoke = {"generator_width": 8, "per_class": 2, "generator_steps": 1} if SMOKE else {}
+    free = create_method("free", {"inversion_strategy": strategy, **smoke})
+    settings = free.settings
+    count = sized(4, 2)
+    teachers = _teachers(count, device)
+    stacked = StackedTeachers(teachers) if strategy == "vectorised" else None
+    student = use_batch_statistics(build_model("conv4", 5, 32)).to(device)
+    meta_gen = Generator(32, settings.latent_dim, settings.generator_width).to(device)
+    weights = DeepInversionWeights(
+        bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
+    )
+    generator = torch.Generator().manual_seed(0)
+    sampled = list(range(count))
+
+    def synthesize() -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        if stacked is not None:
+            return free._recover_together(
+                meta_gen,
+                stacked,
+                sampled,
+                student,
+                [5] * count,
+                settings,
+                weights,
+                generator,
+                device,
+            )
+        return [
+            free._recover(meta_gen, teachers[i], student, 5, settings, weights, generator, device)
+            for i in sampled
+        ]
+
+    return free, settings, teachers, student, synthesize
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_free_synthesize(benchmark, device: torch.device, strategy: str) -> None:
+    """FREE's data recovery per epoch: 4 teachers x 5 generator steps, 400 images."""
+    *_, synthesize = _free(strategy, device)
+    measure(
+        benchmark,
+        synthesize,
+        device,
+        group="FREE synthesize (4 teachers x 5 steps)",
+        variant=strategy,
+        baseline=strategy == "loop",
+        settings="generator width 64, 4 conv4 teachers x 5 classes x 20 images, 32px",
+        reference_ms=300.0,
+        tasks_per_call=4,
+        rounds=3 if device.type == "cpu" else 10,
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_free_epoch_without_replay(benchmark, device: torch.device, strategy: str) -> None:
+    """One FREE epoch minus the replay loop: synthesize, then the implicit gradient alignment of
+    the meta-learner on the 4 teachers (5 KD steps each)."""
+    free, settings, teachers, student, synthesize = _free(strategy, device)
+    labels = torch.arange(5, device=device).repeat_interleave(settings.per_class)
+
+    def epoch() -> None:
+        recovered = [(i, images, labels) for i, (images, _) in enumerate(synthesize())]
+        free._learn_from_teachers(student, teachers, recovered, settings)
+
+    measure(
+        benchmark,
+        epoch,
+        device,
+        group="FREE epoch without replay",
+        variant=strategy,
+        baseline=strategy == "loop",
+        settings="4 conv4 teachers, generator width 64, 5 KD steps per teacher",
+        rounds=3 if device.type == "cpu" else 10,
+    )
