@@ -3,7 +3,11 @@
 #   snakemake --cores all                               # default config (embedded data)
 #   snakemake --cores all --configfile config/real-data.yaml
 
-configfile: "config/default.yaml"
+# the embedded default, unless configs are given with --configfile: those then replace it
+# (Snakemake would otherwise merge them into the default, keeping its other scenarios)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/default.yaml"
 
 
 include: "dfml_bench/workflow/common.smk"
