@@ -186,6 +186,12 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         print(f"{name:12s} {note}")
 
 
+def _cmd_estimate(args: argparse.Namespace) -> None:
+    from dfml_bench.estimate import estimate, format_estimate
+
+    print(format_estimate(estimate(args.config, args.bench), args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfml-bench", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -256,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.set_defaults(handler=_cmd_methods)
+
+    estimate = sub.add_parser(
+        "estimate", help="estimated wall time of every job of a config, from benchmark medians"
+    )
+    estimate.add_argument("config", help="workflow config YAML, e.g. config/paper-ss.yaml")
+    estimate.add_argument(
+        "--bench",
+        default="results/reference/bench/bench-cpu.json",
+        help="pytest-benchmark JSON of the device to estimate for (`dfml-bench bench`)",
+    )
+    estimate.set_defaults(handler=_cmd_estimate)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""Paper-scale configs (issue 9): they validate, name only registered datasets and methods, resolve
+to the expected DAG in a dry run, and `dfml-bench estimate` adds up and scales with the budget."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfml_bench.cli import main
+from dfml_bench.config import all_runs, load_workflow_config
+from dfml_bench.data import dataset_names
+from dfml_bench.estimate import estimate
+from dfml_bench.methods import method_names
+from dfml_bench.zoo.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+# config -> jobs of `snakemake -n`: zoos + runs + collect, report, all
+EXPECTED_JOBS = {
+    "paper-ss": 96,
+    "paper-sh": 42,
+    "paper-mh": 16,
+    "paper-free": 94,
+    "paper-standin-ss": 96,
+    "paper-standin-sh": 42,
+    "paper-standin-mh": 16,
+    "paper-standin-free": 94,
+}
+CONFIGS = sorted(EXPECTED_JOBS)
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # configs name recipes_dir relative to the repository
+
+
+def test_every_paper_config_is_listed() -> None:
+    assert sorted(path.stem for path in (REPO / "config").glob("paper-*.yaml")) == CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_validates_and_names_what_exists(name: str) -> None:
+    config = load_workflow_config(f"config/{name}.yaml")
+    assert config.seeds == [0, 1, 2] and config.evaluation.episodes == 600
+    for entry in config.scenarios.values():
+        assert set(entry.methods) <= set(method_names())
+        recipe = load_recipe(REPO / config.recipes_dir / f"{entry.recipe}.yaml")
+        assert set(recipe.datasets) <= set(dataset_names())
+        assert recipe.epochs == 60
+    assert set(config.method_settings) <= set(method_names())
+    purer = config.method_settings.get("purer")
+    if purer:
+        assert purer["iterations"] * purer["meta_batch"] == 240_000
+    free = config.method_settings.get("free")
+    if free:
+        assert (free["epochs"], free["teachers_per_epoch"], free["generator_steps"]) == (1000, 4, 5)
+        assert config.evaluation.inner_steps == 10
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_resolves_dag(name: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "--cores", "1"]
+        + ["--configfile", str(REPO / f"config/{name}.yaml"), "--directory", str(tmp_path)]
+        + ["--config", f"data_root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = re.search(r"^total\s+(\d+)", result.stdout + result.stderr, re.MULTILINE)
+    assert total and int(total.group(1)) == EXPECTED_JOBS[name]
+    config = load_workflow_config(f"config/{name}.yaml")
+    recipes = {entry.recipe for entry in config.scenarios.values()}
+    assert EXPECTED_JOBS[name] == len(all_runs(config)) + len(recipes) + 3
+
+
+@pytest.mark.parametrize("name", ["paper-ss", "paper-free"])
+def test_estimate_adds_up_and_scales_with_the_budget(name: str, tmp_path: Path) -> None:
+    """Doubling every training budget (DRO's one-off inversion too) doubles each run's
+    training estimate; zoos and evaluation stay as they are."""
+    raw = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
+    base = estimate(f"config/{name}.yaml")
+    assert base.total_s == pytest.approx(sum(job.seconds for job in base.jobs))
+    for settings in raw["method_settings"].values():
+        for budget in ("iterations", "epochs", "warmup_epochs", "inversion_steps"):
+            if budget in settings:
+                settings[budget] *= 2
+    doubled_path = tmp_path / "doubled.yaml"
+    doubled_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    doubled = estimate(doubled_path)
+    assert [job.name for job in doubled.jobs] == [job.name for job in base.jobs]
+    for before, after in zip(base.jobs, doubled.jobs, strict=True):
+        assert after.train_s == pytest.approx(
+            2 * before.train_s if before.rule == "run_method" else before.train_s
+        )
+    trained = sum(job.train_s for job in base.jobs if job.rule == "run_method")
+    assert trained > 0
+    assert doubled.total_s == pytest.approx(base.total_s + trained)
+
+
+def test_estimate_cli_prints_jobs_and_total(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "config/paper-mh.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "AMD EPYC" in out and "train_zoo" in out and "mh/purer/5shot/seed2" in out
+    assert re.search(r"^total: 13 jobs, [\d.]+ h", out, re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["estimate", "config/missing.yaml"], "config config/missing.yaml not found"),
+        (["estimate", "config/paper-ss.yaml", "--bench", "nope.json"], "nope.json not found"),
+    ],
+)
+def test_estimate_errors_are_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
