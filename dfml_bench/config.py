@@ -22,7 +22,7 @@ from pydantic import (
 from dfml_bench.errors import ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods.base import MetaModelSpec
-from dfml_bench.validation import validate_model
+from dfml_bench.validation import describe, validate_model
 from dfml_bench.zoo.recipe import SAFE_NAME
 
 SCENARIO_LABELS = ("SS", "SH", "MH")
@@ -110,10 +110,7 @@ class WorkflowConfig(BaseModel):
         try:
             return EvaluationSettings.model_validate(merged)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()
-            )
-            raise ValueError(f"scenarios.{scenario}.evaluation: {problems}") from None
+            raise ValueError(f"scenarios.{scenario}.evaluation: {describe(error)}") from None
 
 
 class RunSpec(BaseModel):

@@ -17,8 +17,12 @@ def validate_model(model: type[ModelT], raw: object, what: str) -> ModelT:
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or '(top level)'}: {issue['msg']}"
-            for issue in error.errors()
-        )
-        raise ConfigError(f"{what} is invalid: {problems}") from None
+        raise ConfigError(f"{what} is invalid: {describe(error)}") from None
+
+
+def describe(error: ValidationError) -> str:
+    """Every problem as `field.path: message`, on one line (pydantic's own text spans many)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in issue['loc']) or '(top level)'}: {issue['msg']}"
+        for issue in error.errors()
+    ).replace("\n", " ")

@@ -48,9 +48,13 @@ def load_into(module: nn.Module, path: Path, expected_sha256: str | None = None)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
+        # torch lists every bad key on its own line; the first one is enough to diagnose
+        lines = str(error).splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()
+        detail = detail if len(detail) <= 240 else detail[:240] + "..."
         raise CheckpointError(
-            f"model file {path} does not fit its declared architecture: {first_line}"
+            f"model file {path} does not fit its declared architecture"
+            f" ({type(module).__name__}): {detail}"
         ) from None
     return module
 

@@ -12,6 +12,9 @@ except DfmlError as error:
     raise WorkflowError(str(error)) from None
 
 RESULTS = CFG.results_dir
+# zoo and run jobs of a CUDA config hold one `gpu` resource: SLURM asks for one GPU per job,
+# and `--resources gpu=N` (profiles/local) caps how many run at once on one machine
+GPU = int(CFG.device == "cuda")
 RUNS = all_runs(CFG)
 LABELS = sorted({CFG.scenarios[scenario].label.lower() for scenario, *_ in RUNS})
 DFML = f'"{sys.executable}" -m dfml_bench --quiet'

@@ -18,5 +18,7 @@ rule run_method:
             CFG, wildcards.scenario, wildcards.method, int(wildcards.shots), int(wildcards.seed)
         ).model_dump_json(),
     threads: 1
+    resources:
+        gpu=GPU,
     shell:
         "OMP_NUM_THREADS={threads} {params.dfml} run --spec {params.spec:q} > {log:q} 2>&1"

@@ -14,6 +14,8 @@ rule train_zoo:
         device=CFG.device,
         data=DATA_OPTIONS,
     threads: 1
+    resources:
+        gpu=GPU,
     shell:
         "OMP_NUM_THREADS={threads} {params.dfml} zoo train {input.recipe:q} --out {params.out:q}"
         " --device {params.device} {params.data} > {log:q} 2>&1"

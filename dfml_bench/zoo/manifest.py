@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
 from dfml_bench import atomic
 from dfml_bench.errors import CheckpointError
 from dfml_bench.models import build_model
 from dfml_bench.models.storage import load_into
+from dfml_bench.validation import describe
+from dfml_bench.zoo.recipe import SAFE_NAME
 
 MANIFEST_NAME = "manifest.json"
 
@@ -36,6 +38,14 @@ class TeacherRecord(BaseModel):
     seed: int
     recipe_hash: str
     train_seconds: float
+
+    @field_validator("file")
+    @classmethod
+    def _file_in_zoo_folder(cls, name: str) -> str:
+        """A manifest names files next to it; a path could make it load any file on disk."""
+        if not SAFE_NAME.match(name):
+            raise ValueError(f"teacher file {name!r} must be a file name in the zoo folder")
+        return name
 
 
 class ZooManifest(BaseModel):
@@ -65,9 +75,12 @@ class Zoo:
             )
         try:
             manifest = ZooManifest.model_validate(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValidationError) as error:
-            summary = str(error).splitlines()[0]
-            raise CheckpointError(f"zoo manifest {path} is corrupt ({summary}); retrain") from None
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"zoo manifest {path} is corrupt ({error}); retrain") from None
+        except ValidationError as error:
+            raise CheckpointError(
+                f"zoo manifest {path} is invalid: {describe(error)}; retrain"
+            ) from None
         return cls(directory, manifest)
 
     @property

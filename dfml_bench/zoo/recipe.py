@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dfml_bench.errors import ConfigError
 from dfml_bench.validation import validate_model
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# \Z, not $: "$" also matches before a trailing newline, and a name ends up in folder names
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 class OptimizerSpec(BaseModel):
