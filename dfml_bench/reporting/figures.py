@@ -38,7 +38,16 @@ def _save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
     for fmt in FORMATS:
         target = out_dir / f"{stem}.{fmt}"
         written.append(
-            atomic.write_with(target, lambda tmp, fmt=fmt: figure.savefig(tmp, format=fmt, dpi=150))
+            atomic.write_with(
+                target,
+                lambda tmp, fmt=fmt: figure.savefig(
+                    tmp,
+                    format=fmt,
+                    dpi=120,
+                    bbox_inches="tight",
+                    bbox_extra_artists=figure.legends,  # legends placed outside the axes
+                ),
+            )
         )
     plt.close(figure)
     return written
