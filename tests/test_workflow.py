@@ -86,3 +86,45 @@ def test_real_data_config_dag(real_data_root: Path) -> None:
         f"data_root={real_data_root}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: Path) -> None:
+    """SIGINT mid-way (Snakemake's graceful stop), then the same command finishes the rest and
+    leaves the records written before the interruption untouched."""
+    import signal
+    import time
+
+    results = tmp_path / "results"
+    command = [
+        *SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "1",
+        "--configfile", str(REPO / "tests/data/tiny-workflow.yaml"),
+        "--config", f"results_dir={results}", "--directory", str(tmp_path),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+
+    def done_runs() -> list[Path]:
+        return sorted(
+            (path.parent for path in results.glob("runs/**/record-clean.json")),
+            key=lambda folder: (folder / "record-clean.json").stat().st_mtime_ns,
+        )
+
+    # with one core, a second run's records mean Snakemake had finished the first one's job
+    while len(done_runs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finished = {
+        path: path.stat().st_mtime_ns for run in done_runs()[:-1] for path in run.glob("record-*")
+    }
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=300)
+    assert finished, "no run finished before the deadline"
+    assert not (results / "summary.csv").exists()  # it really stopped mid-way
+    again = subprocess.run(
+        [*command, "--rerun-incomplete"], capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (results / "REPORT.md").is_file()
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was redone"
+    assert not list(results.glob("**/.*.tmp")), "a temp file was left behind"
