@@ -46,6 +46,8 @@ def _save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
                     dpi=120,
                     bbox_inches="tight",
                     bbox_extra_artists=figure.legends,  # legends placed outside the axes
+                    # no creation date: a rebuilt PDF is byte-identical to the committed one
+                    metadata={"CreationDate": None} if fmt == "pdf" else None,
                 ),
             )
         )
