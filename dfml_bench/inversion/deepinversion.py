@@ -228,6 +228,22 @@ def deep_inversion_loss(
     return InversionLoss(total, torch.stack([ce, bn, tv, l2]).detach(), logits=logits)
 
 
+def check_one_per_teacher(
+    teachers: int,
+    images_per_teacher: Sequence[torch.Tensor],
+    targets_per_teacher: Sequence[torch.Tensor],
+) -> None:
+    """Every zoo-wide inversion (loop or vectorised) takes one image and one target tensor per
+    teacher; say which counts disagree."""
+    if not teachers:
+        raise ValueError("no teachers to invert")
+    if not teachers == len(images_per_teacher) == len(targets_per_teacher):
+        raise ValueError(
+            f"{teachers} teachers but {len(images_per_teacher)} image tensors and "
+            f"{len(targets_per_teacher)} target tensors; give one of each per teacher"
+        )
+
+
 def deep_inversion_loss_over_teachers(
     teachers: Sequence[nn.Module],
     images_per_teacher: Sequence[torch.Tensor],
@@ -238,13 +254,7 @@ def deep_inversion_loss_over_teachers(
 ) -> InversionLoss:
     """The sum of `deep_inversion_loss` over teachers, each with its own images and local targets:
     the objective of one ECI data step, which updates the pseudo images of every teacher at once."""
-    if not teachers:
-        raise ValueError("no teachers to invert")
-    if not len(teachers) == len(images_per_teacher) == len(targets_per_teacher):
-        raise ValueError(
-            f"{len(teachers)} teachers but {len(images_per_teacher)} image tensors and "
-            f"{len(targets_per_teacher)} target tensors; give one of each per teacher"
-        )
+    check_one_per_teacher(len(teachers), images_per_teacher, targets_per_teacher)
     losses = [
         deep_inversion_loss(teacher, images, targets, weights, jitter, generator)
         for teacher, images, targets in zip(teachers, images_per_teacher, targets_per_teacher)

@@ -29,6 +29,7 @@ from dfml_bench.inversion.deepinversion import (
     DeepInversionWeights,
     InversionLoss,
     _bn_matching_loss,
+    check_one_per_teacher,
     draw_shift,
     fit_to_teacher,
     l2_prior,
@@ -209,13 +210,7 @@ class StackedTeachers:
         """
         weights = weights or DeepInversionWeights()
         indices = list(range(len(self))) if indices is None else list(indices)
-        if not indices:
-            raise ValueError("no teachers to invert")
-        if not len(indices) == len(images_per_teacher) == len(targets_per_teacher):
-            raise ValueError(
-                f"{len(indices)} teachers but {len(images_per_teacher)} image tensors and "
-                f"{len(targets_per_teacher)} target tensors; give one of each per teacher"
-            )
+        check_one_per_teacher(len(indices), images_per_teacher, targets_per_teacher)
         if shifts is None:
             shifts = draw_jitter_shifts(len(indices), jitter, generator)
         totals, terms = [], []
