@@ -44,12 +44,28 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         device=resolve_device(args.device),
         progress=not args.quiet,
+        checkpoint_interval_s=args.checkpoint_interval_s,
     )
     accuracies = [t.heldout_accuracy for t in zoo.teachers]
     print(
         f"zoo {recipe.name}: {len(zoo.teachers)} teachers in {out}, held-out accuracy "
         f"{min(accuracies):.1f}-{max(accuracies):.1f}%"
     )
+
+
+def _interval(text: str) -> float | None:
+    """Seconds between saved states, or `never`."""
+    if text == "never":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds or 'never'"
+        ) from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("the interval must be >= 0 seconds (or 'never')")
+    return seconds
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -214,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--out", help="zoo folder (default: RESULTS/zoo/<recipe name>)")
     zoo.add_argument("--results-dir", default="results")
     zoo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    zoo.add_argument(
+        "--checkpoint-interval-s",
+        type=_interval,
+        default=300.0,
+        metavar="SECONDS|never",
+        help="save each teacher's training state this often, to resume after a kill (300)",
+    )
     data_options(zoo)
     zoo.set_defaults(handler=_cmd_zoo)
 

@@ -64,6 +64,9 @@ class WorkflowConfig(BaseModel):
     data_root: str | None = None
     cache_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_interval_s: float | None = Field(
+        300.0, ge=0, description="seconds between saved run states (resume); null: never save"
+    )
     ways: int = Field(5, ge=2)
     shots: list[int] = Field(default=[1, 5], min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
@@ -131,6 +134,8 @@ class RunSpec(BaseModel):
     data_root: str | None
     cache_dir: str | None
     device: Literal["auto", "cpu", "cuda"]
+    # not part of what a run computes: a state saved at any interval continues the same run
+    checkpoint_interval_s: float | None = 300.0
 
 
 def load_workflow_config(path: Path | str) -> WorkflowConfig:
@@ -179,6 +184,7 @@ def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, see
         data_root=config.data_root,
         cache_dir=config.cache_dir,
         device=config.device,
+        checkpoint_interval_s=config.checkpoint_interval_s,
     )
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,9 +18,13 @@ from dfml_bench.config import RunSpec
 from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.device import resolve_device
 from dfml_bench.environment import environment
+from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
 from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, create_method
+from dfml_bench.models import build_model
+from dfml_bench.models.storage import load_into, save_state
+from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import Zoo
 
 PROTOCOLS = ("paper", "clean")
@@ -44,7 +51,11 @@ class CheckpointScore:
 
 
 def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
-    """Meta-train, evaluate every checkpoint, write one record per protocol (atomically)."""
+    """Meta-train, evaluate every checkpoint, write one record per protocol (atomically).
+
+    With `spec.checkpoint_interval_s` set, the run's full state is saved in `<run_dir>/resume/`
+    at that interval and at every evaluated checkpoint; started again after a crash or a kill,
+    the same run continues from the newest good state and writes the same records."""
     device = resolve_device(spec.device)
     torch.manual_seed(spec.seed)
     zoo = Zoo.open(spec.zoo_dir)
@@ -55,6 +66,8 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
         for name in zoo.datasets
     ]
     method = create_method(spec.method, spec.method_settings)
+    resume_dir = Path(spec.run_dir) / "resume"
+    checkpointer = Checkpointer(resume_dir, run_fingerprint(spec), spec.checkpoint_interval_s)
     context = MetaTrainContext(
         zoo,
         spec.meta_model,
@@ -65,6 +78,7 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
         progress,
         Path(spec.run_dir),
         training_data=None if method.data_free else datasets,
+        resume=checkpointer,
     )
 
     reason = method.inapplicable_reason(context)
@@ -74,41 +88,49 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
     # ICFIL runs on every checkpoint's test tasks (the paper protocol maximises over them); the
     # same pass also scores plain fine-tuning. Meta-val selection uses plain fine-tuning.
     icfil = method.uses_icfil or spec.evaluation.icfil.enabled
-    checkpoints: list[Checkpoint] = []
-    scores: list[CheckpointScore] = []
-    meta_train_seconds = 0.0
-    eval_seconds = 0.0
-    stream = method.meta_train(context)
-    while True:
-        started = time.perf_counter()
-        checkpoint = next(stream, None)
-        meta_train_seconds += time.perf_counter() - started
-        if checkpoint is None:
-            break
-        started = time.perf_counter()
-        test = [
-            _evaluate(checkpoint, d, "test", spec, device, progress, icfil=icfil) for d in datasets
-        ]
-        eval_seconds += time.perf_counter() - started
-        checkpoints.append(Checkpoint(checkpoint.iteration, copy.deepcopy(checkpoint.model).cpu()))
-        scores.append(CheckpointScore(checkpoint.iteration, test, None))
+    run = RunProgress.restore(checkpointer, method, spec, resume_dir)
+    checkpointer.progress_state = run.state
 
-    if len(checkpoints) > 1:  # model selection on meta-val is only needed with a choice to make
-        started = time.perf_counter()
-        for index, checkpoint in enumerate(checkpoints):
+    if not run.method_done:
+        stream = method.meta_train(context)
+        while True:
+            started = time.perf_counter()
+            checkpoint = next(stream, None)
+            run.meta_train_seconds += time.perf_counter() - started
+            if checkpoint is None:
+                break
+            started = time.perf_counter()
+            test = [
+                _evaluate(checkpoint, d, "test", spec, device, progress, icfil=icfil)
+                for d in datasets
+            ]
+            run.eval_seconds += time.perf_counter() - started
+            run.add_checkpoint(checkpoint, test, resume_dir if checkpointer.enabled else None)
+        run.method_done = True
+
+    if len(run.checkpoints) > 1:  # model selection on meta-val is only needed with a choice
+        for index, checkpoint in enumerate(run.checkpoints):
+            if run.scores[index].val is not None:  # scored before a restart
+                continue
+            started = time.perf_counter()
             val = [_evaluate(checkpoint, d, "val", spec, device, progress) for d in datasets]
-            scores[index] = CheckpointScore(scores[index].iteration, scores[index].test, val)
-        eval_seconds += time.perf_counter() - started
+            run.scores[index] = CheckpointScore(
+                run.scores[index].iteration, run.scores[index].test, val
+            )
+            run.eval_seconds += time.perf_counter() - started
+            checkpointer.step(checkpoint.iteration, dict, force=True)
 
+    scores = run.scores
     paper = max(scores, key=lambda score: score.test_mean)
     clean = scores[0] if len(scores) == 1 else max(scores, key=lambda score: score.val_mean)
     common = _common_fields(spec, zoo, datasets, method, device) | {
-        "meta_train_s": round(meta_train_seconds, 3),
+        "meta_train_s": round(run.meta_train_seconds, 3),
         "recovery_s": round(method.timings.recovery_seconds, 3),
-        "eval_s": round(eval_seconds, 3),
+        "eval_s": round(run.eval_seconds, 3),
         "method_timings": method.timings.extra,
         "checkpoints_evaluated": len(scores),
         "curve": [_curve_point(score) for score in scores],
+        "resumed_from": run.resumed_from,
     }
     written = []
     for protocol, chosen in (("paper", paper), ("clean", clean)):
@@ -127,7 +149,89 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
             else "single checkpoint (nothing to select)"
         ) + ("; test accuracy with ICFIL, meta-val without" if icfil else "")
         written.append(atomic.write_json(record_path(spec.run_dir, protocol), record))
+    checkpointer.clear()
     return written
+
+
+def run_fingerprint(spec: RunSpec) -> str:
+    """What a saved state must match to be continued: the spec, bar how often it is saved."""
+    relevant = spec.model_dump(exclude={"checkpoint_interval_s"})
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RunProgress:
+    """The runner's side of a run's state: evaluated checkpoints, timings, how far it got."""
+
+    method: Method
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    scores: list[CheckpointScore] = field(default_factory=list)
+    meta_train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    method_done: bool = False
+    resumed_from: list[int] = field(default_factory=list)
+
+    @classmethod
+    def restore(
+        cls, checkpointer: Checkpointer, method: Method, spec: RunSpec, resume_dir: Path
+    ) -> RunProgress:
+        run = cls(method)
+        saved = checkpointer.restored
+        if saved is None:
+            return run
+        state = saved.progress
+        run.meta_train_seconds = state["meta_train_s"]
+        run.eval_seconds = state["eval_s"]
+        run.method_done = state["method_done"]
+        run.resumed_from = [*state["resumed_from"], saved.iteration]
+        method.timings.recovery_seconds = state["recovery_s"]
+        method.timings.extra = dict(state["method_timings"])
+        for entry in state["scores"]:
+            iteration = entry["iteration"]
+            model = build_model(spec.meta_model.architecture, spec.ways, spec.meta_model.image_size)
+            model = load_into(use_batch_statistics(model), _checkpoint_file(resume_dir, iteration))
+            run.checkpoints.append(Checkpoint(iteration, model))
+            run.scores.append(
+                CheckpointScore(
+                    iteration,
+                    [EvaluationResult(**result) for result in entry["test"]],
+                    None if entry["val"] is None else [EvaluationResult(**r) for r in entry["val"]],
+                )
+            )
+        return run
+
+    def add_checkpoint(
+        self, checkpoint: Checkpoint, test: list[EvaluationResult], resume_dir: Path | None
+    ) -> None:
+        model = copy.deepcopy(checkpoint.model).cpu()
+        if resume_dir is not None:  # the state refers to it; written once, not with every state
+            save_state(model, _checkpoint_file(resume_dir, checkpoint.iteration))
+        self.checkpoints.append(Checkpoint(checkpoint.iteration, model))
+        self.scores.append(CheckpointScore(checkpoint.iteration, test, None))
+
+    def state(self) -> dict[str, object]:
+        return {
+            "meta_train_s": self.meta_train_seconds,
+            "eval_s": self.eval_seconds,
+            "method_done": self.method_done,
+            "resumed_from": self.resumed_from,
+            "recovery_s": self.method.timings.recovery_seconds,
+            "method_timings": dict(self.method.timings.extra),
+            "scores": [
+                {
+                    "iteration": score.iteration,
+                    "test": [dataclasses.asdict(result) for result in score.test],
+                    "val": None
+                    if score.val is None
+                    else [dataclasses.asdict(r) for r in score.val],
+                }
+                for score in self.scores
+            ],
+        }
+
+
+def _checkpoint_file(resume_dir: Path, iteration: int) -> Path:
+    return resume_dir / f"checkpoint-{iteration:09d}.safetensors"
 
 
 def _write_inapplicable(

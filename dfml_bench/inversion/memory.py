@@ -35,6 +35,15 @@ class ImageMemory:
             self.labels = self.labels[-self.capacity :]
             self.sources = self.sources[-self.capacity :]
 
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        return {"images": self.images, "labels": self.labels, "sources": self.sources}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None], device: torch.device) -> None:
+        self.images, self.labels, self.sources = (
+            None if state[key] is None else state[key].to(device)  # type: ignore[union-attr]
+            for key in ("images", "labels", "sources")
+        )
+
     def teachers(self) -> set[int]:
         return set() if self.sources is None else set(self.sources.tolist())
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.errors import DfmlError
+from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import Zoo
 
 
@@ -40,6 +41,8 @@ class MetaTrainContext:
     progress: bool = True
     artifacts_dir: Path | None = None  # where a method may leave figures (e.g. pseudo-task grids)
     training_data: list[FewShotDataset] | None = None  # real data: only for data_free = False
+    # long loops save their state here at intervals and continue from it after a restart
+    resume: Checkpointer = field(default_factory=Checkpointer.disabled)
 
 
 @dataclass(frozen=True)

@@ -128,16 +128,43 @@ class Dro(Method):
         spec = context.meta_model
         model = use_batch_statistics(average_of_zoo(context.zoo, spec, context.ways))
         model = model.to(context.device)
-        started = time.perf_counter()
-        data = [self._invert(t, spec.image_size, settings, generator) for t in teachers]
-        synchronize(context.device)
-        self.timings.recovery_seconds = time.perf_counter() - started
+        data: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not context.resume.resuming:  # a resumed run takes the inverted data from its state
+            started = time.perf_counter()
+            data = [self._invert(t, spec.image_size, settings, generator) for t in teachers]
+            synchronize(context.device)
+            self.timings.recovery_seconds = time.perf_counter() - started
         fusion = FusionNetwork(model, len(teachers), settings.embedding_dim).to(context.device)
         optimizer = torch.optim.Adam(fusion.parameters(), lr=settings.lr)
         self.history: list[dict[str, float]] = []
         evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
+
+        def state() -> dict[str, object]:
+            return {
+                "data": [list(pair) for pair in data],
+                "fusion": fusion.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "history": self.history,
+            }
+
+        done = 0
+        restored = context.resume.restore_method()
+        if restored is not None:
+            done, saved = restored
+            data = [
+                (images.to(context.device), probs.to(context.device))
+                for images, probs in saved["data"]
+            ]
+            fusion.load_state_dict(saved["fusion"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+            self.history = saved["history"]
+
         progress = tqdm(
-            range(1, settings.iterations + 1),
+            range(done + 1, settings.iterations + 1),
+            initial=done,
+            total=settings.iterations,
             desc=f"dro {context.shots}-shot",
             disable=not context.progress,
             leave=False,
@@ -164,9 +191,9 @@ class Dro(Method):
                 (loss / count).backward()
                 with torch.no_grad():
                     clean = teacher_loss(model, fusion(fusion.embeddings[index]), images, probs)
-                objective += float(loss) / count
+                objective += float(loss.detach()) / count
                 nominal += float(clean) / count
-                robust += (float(loss) - float(clean)) / count
+                robust += (float(loss.detach()) - float(clean)) / count
             optimizer.step()
             self.history.append({"objective": objective, "nominal": nominal, "robust": robust})
             progress.set_postfix(objective=f"{objective:.3f}", robust=f"{robust:.3f}")
@@ -177,6 +204,7 @@ class Dro(Method):
                         fused.get_parameter(name).copy_(value)
                 self.timings.extra["final_objective"] = objective
                 yield Checkpoint(iteration=iteration, model=fused)
+            context.resume.step(iteration, state, force=iteration in evaluate_at)
 
     def _invert(
         self,

@@ -150,8 +150,33 @@ class Free(Method):
         evaluate_at = checkpoint_iterations(settings.epochs, settings.checkpoints)
         images_recovered, replay_batches = 0, 0
 
+        def state() -> dict[str, object]:
+            return {
+                "model": model.state_dict(),
+                "meta_optimizer": meta_optimizer.state_dict(),
+                "meta_generator": meta_gen.state_dict(),
+                "meta_generator_optimizer": meta_gen_optimizer.state_dict(),
+                "memory": memory.state_dict(),
+                "generator": generator.get_state(),
+                "counts": [images_recovered, replay_batches],
+            }
+
+        done = 0
+        restored = context.resume.restore_method()
+        if restored is not None:
+            done, saved = restored
+            model.load_state_dict(saved["model"])
+            meta_optimizer.load_state_dict(saved["meta_optimizer"])
+            meta_gen.load_state_dict(saved["meta_generator"])
+            meta_gen_optimizer.load_state_dict(saved["meta_generator_optimizer"])
+            memory.load_state_dict(saved["memory"], device)
+            generator.set_state(saved["generator"])
+            images_recovered, replay_batches = saved["counts"]
+
         progress = tqdm(
-            range(1, settings.epochs + 1),
+            range(done + 1, settings.epochs + 1),
+            initial=done,
+            total=settings.epochs,
             desc=f"{self.name} {context.shots}-shot",
             disable=not context.progress,
             leave=False,
@@ -199,6 +224,7 @@ class Free(Method):
                 if epoch == settings.epochs:
                     self._finish(context, recovered, images_recovered, replay_batches)
                 yield Checkpoint(iteration=epoch, model=copy.deepcopy(model))
+            context.resume.step(epoch, state, force=epoch in evaluate_at)
 
     def _recover(
         self,

@@ -66,8 +66,26 @@ class Oracle(Method):
             for dataset in context.training_data
         ]
         evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
+
+        def state() -> dict[str, object]:
+            return {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+            }
+
+        done = 0
+        restored = context.resume.restore_method()
+        if restored is not None:
+            done, saved = restored
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            generator.set_state(saved["generator"])
+
         progress = tqdm(
-            range(1, settings.iterations + 1),
+            range(done + 1, settings.iterations + 1),
+            initial=done,
+            total=settings.iterations,
             desc=f"{self.name} {context.shots}-shot",
             disable=not context.progress,
             leave=False,
@@ -100,6 +118,7 @@ class Oracle(Method):
             progress.set_postfix(acc=f"{accuracy:.1f}")
             if iteration in evaluate_at:
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
+            context.resume.step(iteration, state, force=iteration in evaluate_at)
 
 
 def _prepare(

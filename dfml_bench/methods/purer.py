@@ -187,8 +187,34 @@ class Purer(Method):
         adversarial, adversarial_steps = False, 0
         self.timings.extra["pseudo_images"] = float(pool.num_images)
 
+        def state() -> dict[str, object]:
+            return {
+                "model": model.state_dict(),
+                "pool": pool.state_dict(),
+                "data_optimizer": data_optimizer.state_dict(),
+                "meta_optimizer": meta_optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "curriculum": None if switch is None else [switch.best, switch.stale],
+                "adversarial": [adversarial, adversarial_steps],
+            }
+
+        done = 0
+        restored = context.resume.restore_method()
+        if restored is not None:
+            done, saved = restored
+            model.load_state_dict(saved["model"])
+            pool.load_state_dict(saved["pool"])
+            data_optimizer.load_state_dict(saved["data_optimizer"])
+            meta_optimizer.load_state_dict(saved["meta_optimizer"])
+            generator.set_state(saved["generator"])
+            if switch is not None:
+                switch.best, switch.stale = saved["curriculum"]
+            adversarial, adversarial_steps = saved["adversarial"]
+
         progress = tqdm(
-            range(1, settings.iterations + 1),
+            range(done + 1, settings.iterations + 1),
+            initial=done,
+            total=settings.iterations,
             desc=f"{self.name} {context.shots}-shot",
             disable=not context.progress,
             leave=False,
@@ -246,6 +272,7 @@ class Purer(Method):
                 if iteration == settings.iterations:
                     self._finish(context, pool, generator, settings, adversarial_steps)
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
+            context.resume.step(iteration, state, force=iteration in evaluate_at)
 
     def _initial_model(self, context: MetaTrainContext) -> nn.Module:
         """Zoo Average when the architectures match (PURER's init), else a random init."""

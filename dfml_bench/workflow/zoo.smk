@@ -13,9 +13,11 @@ rule train_zoo:
         out=lambda wildcards, output: os.path.dirname(output.manifest),
         device=CFG.device,
         data=DATA_OPTIONS,
+        interval="never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s,
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "OMP_NUM_THREADS={threads} {params.dfml} zoo train {input.recipe:q} --out {params.out:q}"
-        " --device {params.device} {params.data} > {log:q} 2>&1"
+        " --device {params.device} --checkpoint-interval-s {params.interval} {params.data}"
+        " > {log:q} 2>&1"

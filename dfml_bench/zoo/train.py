@@ -19,6 +19,7 @@ from dfml_bench.environment import environment
 from dfml_bench.errors import ConfigError
 from dfml_bench.models import build_model
 from dfml_bench.models.storage import file_sha256, save_state
+from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import TeacherRecord, Zoo, ZooManifest
 from dfml_bench.zoo.recipe import ZooRecipe
 
@@ -86,8 +87,12 @@ def train_zoo(
     cache_dir: Path | None = None,
     device: torch.device | None = None,
     progress: bool = True,
+    checkpoint_interval_s: float | None = 300.0,
 ) -> Zoo:
-    """Train every teacher of `recipe` not already in `out_dir`, then write the manifest."""
+    """Train every teacher of `recipe` not already in `out_dir`, then write the manifest.
+
+    A teacher's training state is saved every `checkpoint_interval_s` seconds (None: never), so
+    a killed training continues from its last epoch saved instead of from scratch."""
     device = device or torch.device("cpu")
     datasets = {
         name: load_dataset(name, recipe.image_size, data_root=data_root, cache_dir=cache_dir)
@@ -109,6 +114,7 @@ def train_zoo(
                 device,
                 recipe_hash,
                 progress,
+                checkpoint_interval_s,
             )
         records.append(record)
     manifest = ZooManifest(
@@ -167,6 +173,7 @@ def _train_teacher(
     device: torch.device,
     recipe_hash: str,
     progress: bool,
+    checkpoint_interval_s: float | None,
 ) -> TeacherRecord:
     started = time.perf_counter()
     torch.manual_seed(plan.seed)
@@ -202,8 +209,37 @@ def _train_teacher(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.lr_decay)
 
     best_accuracy, best_epoch, best_state = -1.0, 0, None
+
+    def state() -> dict[str, object]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best": [best_accuracy, best_epoch, best_state],
+            "seconds": time.perf_counter() - started,
+        }
+
+    checkpointer = Checkpointer(
+        out_dir / "resume" / f"teacher-{plan.index:03d}",
+        f"{recipe_hash}:{plan.index}",
+        checkpoint_interval_s,
+    )
+    done = 0
+    restored = checkpointer.restore_method()
+    if restored is not None:
+        done, saved = restored
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        best_accuracy, best_epoch, best_state = saved["best"]
+        started -= saved["seconds"]  # the record's train_seconds spans every attempt
     epochs = tqdm(
-        range(1, recipe.epochs + 1), desc=f"teacher {plan.index}", leave=False, disable=not progress
+        range(done + 1, recipe.epochs + 1),
+        initial=done,
+        total=recipe.epochs,
+        desc=f"teacher {plan.index}",
+        leave=False,
+        disable=not progress,
     )
     for epoch in epochs:
         model.train()
@@ -223,6 +259,7 @@ def _train_teacher(
         if accuracy > best_accuracy:
             best_accuracy, best_epoch = accuracy, epoch
             best_state = copy.deepcopy(model.state_dict())
+        checkpointer.step(epoch, state)
 
     file_name = f"teacher-{plan.index:03d}.safetensors"
     sha256 = save_state(best_state, out_dir / file_name)
@@ -245,6 +282,7 @@ def _train_teacher(
         train_seconds=time.perf_counter() - started,
     )
     atomic.write_json(_sidecar(out_dir, plan.index), record.model_dump())
+    checkpointer.clear()
     return record
 
 

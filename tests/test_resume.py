@@ -1,0 +1,271 @@
+"""Resume: a run or a teacher training stopped at any point continues from its last saved state
+and ends with exactly the record (or teacher file) of an uninterrupted run on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dfml_bench.cli import main
+from dfml_bench.config import RunSpec
+from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.methods import MetaModelSpec
+from dfml_bench.models.storage import file_sha256
+from dfml_bench.resume import Checkpointer, ResumeWarning
+from dfml_bench.runner import execute_run, record_path
+from dfml_bench.zoo.recipe import ZooRecipe
+from dfml_bench.zoo.train import train_zoo
+
+REPO = Path(__file__).resolve().parents[1]
+TIMINGS = {"created", "environment", "meta_train_s", "recovery_s", "eval_s", "icfil_s_per_task"}
+# small budgets with every mechanism on: curriculum switches, replay, several checkpoints
+SETTINGS: dict[str, dict[str, Any]] = {
+    "purer": {
+        "iterations": 8,
+        "checkpoints": 3,
+        "per_class": 6,
+        "queries": 3,
+        "meta_batch": 2,
+        "curriculum_start": 2,
+        "curriculum_patience": 1,
+    },
+    "free": {
+        "epochs": 6,
+        "checkpoints": 3,
+        "warmup_epochs": 1,
+        "per_class": 6,
+        "queries": 3,
+        "generator_width": 8,
+        "latent_dim": 16,
+        "teachers_per_epoch": 2,
+        "generator_steps": 2,
+        "max_replay_batches": 3,
+        "replay_patience": 2,
+        "inner_steps": 1,
+    },
+    "oracle": {"iterations": 6, "checkpoints": 3, "meta_batch": 2, "queries": 3},
+    "dro": {"iterations": 6, "checkpoints": 3, "inversion_steps": 3},
+}
+
+
+class Killed(Exception):
+    """Stands for SIGKILL right after a state was saved (the worst moment to lose the rest)."""
+
+
+def spec_for(method: str, zoo_dir: str, run_dir: Path, **settings: Any) -> RunSpec:
+    return RunSpec(
+        scenario="ss",
+        scenario_label="SS",
+        method=method,
+        method_settings=SETTINGS[method] | settings,
+        ways=5,
+        shots=1,
+        seed=0,
+        zoo_dir=zoo_dir,
+        run_dir=str(run_dir),
+        meta_model=MetaModelSpec(),
+        evaluation=EvaluationSettings(episodes=20, val_episodes=10, queries=5, inner_steps=2),
+        data_root=None,
+        cache_dir=None,
+        device="cpu",
+        checkpoint_interval_s=0,  # save after every iteration: any of them can be the last
+    )
+
+
+def comparable(run_dir: Path) -> dict[str, Any]:
+    """Both records without timings, dates and the run folder (everything else must match)."""
+    records = {}
+    for protocol in ("paper", "clean"):
+        record = json.loads(record_path(run_dir, protocol).read_text())
+        record = {k: v for k, v in record.items() if k not in TIMINGS | {"resumed_from"}}
+        record["method_timings"] = {
+            k: v for k, v in record["method_timings"].items() if not k.endswith("_s_per_task")
+        }
+        record["spec"] = {k: v for k, v in record["spec"].items() if k != "run_dir"}
+        records[protocol] = record
+    return records
+
+
+def kill_after_saves(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
+    original = Checkpointer.save
+    count = 0
+
+    def save(self: Checkpointer, iteration: int, state: dict[str, Any]) -> Path:
+        nonlocal count
+        path = original(self, iteration, state)
+        count += 1
+        if count == saves:
+            raise Killed(f"after save {saves} (iteration {iteration})")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(glyph_zoo_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One uninterrupted run per method, the reference every resumed run must equal."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    for method in SETTINGS:
+        execute_run(spec_for(method, glyph_zoo_dir, root / method), progress=False)
+    return {method: root / method for method in SETTINGS}
+
+
+# PURER: killed mid-curriculum and after the last checkpoint (then only meta-val is left); FREE:
+# mid-replay; oracle and DRO (whose inverted data must come back from the state) mid-training
+@pytest.mark.parametrize(
+    ("method", "saves"),
+    [("purer", 5), ("purer", 9), ("free", 4), ("oracle", 2), ("dro", 4)],
+)
+def test_run_killed_after_a_save_resumes_to_the_same_records(
+    method: str,
+    saves: int,
+    glyph_zoo_dir: str,
+    uninterrupted: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = spec_for(method, glyph_zoo_dir, tmp_path / "run")
+    with monkeypatch.context() as patch:
+        kill_after_saves(patch, saves)
+        with pytest.raises(Killed):
+            execute_run(spec, progress=False)
+    assert not record_path(spec.run_dir, "paper").exists()
+    assert list((tmp_path / "run" / "resume").glob("state-*.pt"))
+
+    execute_run(spec, progress=False)
+    assert comparable(tmp_path / "run") == comparable(uninterrupted[method])
+    record = json.loads(record_path(spec.run_dir, "paper").read_text())
+    assert len(record["resumed_from"]) == 1
+    assert not (tmp_path / "run" / "resume").exists()  # states go once the records are written
+
+
+def test_corrupt_newest_state_falls_back_to_the_one_before(
+    glyph_zoo_dir: str,
+    uninterrupted: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = spec_for("purer", glyph_zoo_dir, tmp_path / "run")
+    with monkeypatch.context() as patch:
+        kill_after_saves(patch, 5)
+        with pytest.raises(Killed):
+            execute_run(spec, progress=False)
+    states = sorted((tmp_path / "run" / "resume").glob("state-*.pt"))
+    assert len(states) == 2  # the newest and its fallback
+    states[-1].write_bytes(states[-1].read_bytes()[:1000])  # truncated, e.g. by a full disk
+
+    with pytest.warns(ResumeWarning, match=f"{states[-1].name} is unreadable"):
+        execute_run(spec, progress=False)
+    assert comparable(tmp_path / "run") == comparable(uninterrupted["purer"])
+    record = json.loads(record_path(spec.run_dir, "paper").read_text())
+    assert record["resumed_from"] == [int(states[0].stem.split("-")[1])]
+
+
+def test_state_of_another_configuration_is_not_continued(
+    glyph_zoo_dir: str,
+    uninterrupted: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    changed = spec_for("purer", glyph_zoo_dir, tmp_path / "run", pool_lr=0.1)
+    with monkeypatch.context() as patch:
+        kill_after_saves(patch, 3)
+        with pytest.raises(Killed):
+            execute_run(changed, progress=False)
+
+    spec = spec_for("purer", glyph_zoo_dir, tmp_path / "run")
+    with pytest.warns(ResumeWarning, match="another configuration"):
+        execute_run(spec, progress=False)
+    assert comparable(tmp_path / "run") == comparable(uninterrupted["purer"])
+    assert json.loads(record_path(spec.run_dir, "paper").read_text())["resumed_from"] == []
+
+
+def test_no_state_is_saved_when_checkpointing_is_off(
+    glyph_zoo_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = spec_for("oracle", glyph_zoo_dir, tmp_path / "run").model_copy(
+        update={"checkpoint_interval_s": None}
+    )
+    kill_after_saves(monkeypatch, 1)  # any save would end the run
+    execute_run(spec, progress=False)
+    assert record_path(spec.run_dir, "paper").is_file()
+    assert not (tmp_path / "run" / "resume").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_process_killed_by_a_signal_resumes_with_the_same_command(
+    sig: signal.Signals, glyph_zoo_dir: str, uninterrupted: dict[str, Path], tmp_path: Path
+) -> None:
+    """The real thing: `dfml-bench run` killed by a signal mid-training, then started again."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "dfml_bench",
+        "--quiet",
+        "run",
+        "--spec",
+        spec_for("purer", glyph_zoo_dir, run_dir).model_dump_json(),
+    ]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, env=os.environ)
+    deadline = time.monotonic() + 120
+    while not list(run_dir.glob("resume/state-000000004.pt")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no state was saved within 120 s"
+        time.sleep(0.02)
+    process.send_signal(sig)
+    assert process.wait(timeout=60) != 0
+    assert not record_path(run_dir, "paper").exists()
+
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+    assert comparable(run_dir) == comparable(uninterrupted["purer"])
+    resumed = json.loads(record_path(run_dir, "paper").read_text())["resumed_from"]
+    assert len(resumed) == 1 and 4 <= resumed[0] < 8
+
+
+def test_teacher_training_killed_mid_way_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = ZooRecipe(
+        name="glyph-resume",
+        datasets=["glyphs"],
+        image_size=32,
+        architectures=["conv4"],
+        teachers_per_dataset=2,
+        classes_per_teacher=5,
+        epochs=4,
+        max_images_per_class=40,
+    )
+    reference = train_zoo(recipe, tmp_path / "reference", progress=False)
+
+    with monkeypatch.context() as patch:
+        kill_after_saves(patch, 6)  # teacher 0 done (4 saves), teacher 1 after 2 of 4 epochs
+        with pytest.raises(Killed):
+            train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+    assert (tmp_path / "zoo" / "teacher-000.safetensors").is_file()
+    assert not (tmp_path / "zoo" / "teacher-001.safetensors").exists()
+    assert (tmp_path / "zoo" / "resume" / "teacher-001").is_dir()
+
+    resumed = train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+    assert [t.sha256 for t in resumed.teachers] == [t.sha256 for t in reference.teachers]
+    assert [t.best_epoch for t in resumed.teachers] == [t.best_epoch for t in reference.teachers]
+    assert file_sha256(tmp_path / "zoo" / "teacher-001.safetensors") == resumed.teachers[1].sha256
+    assert not (tmp_path / "zoo" / "resume" / "teacher-001").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon"])
+def test_bad_checkpoint_interval_is_a_one_line_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["zoo", "train", "model_zoo_recipes/x.yaml", f"--checkpoint-interval-s={value}"])
+    assert stopped.value.code == 2
+    assert "--checkpoint-interval-s" in capsys.readouterr().err
