@@ -68,6 +68,16 @@ def _interval(text: str) -> float | None:
     return seconds
 
 
+def checkpoint_interval(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--checkpoint-interval-s",
+        type=_interval,
+        default=300.0,
+        metavar="SECONDS|never",
+        help=f"save the {what} state this often, to resume after a kill (default 300)",
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from dfml_bench.config import RunSpec, load_workflow_config, run_spec
     from dfml_bench.runner import execute_run
@@ -89,7 +99,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
             raise DfmlError(f"run needs --spec JSON or --{', --'.join(missing)}")
         config = load_workflow_config(args.config)
         spec = run_spec(config, args.scenario, args.method, args.shots, args.seed)
-    for path in execute_run(spec, progress=not args.quiet):
+    runs = execute_run(spec, not args.quiet, args.checkpoint_interval_s)
+    for path in runs:
         record = json.loads(path.read_text())
         outcome = (
             f"{record['acc_mean']:.2f} ± {record['acc_ci95']:.2f}"
@@ -230,19 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--out", help="zoo folder (default: RESULTS/zoo/<recipe name>)")
     zoo.add_argument("--results-dir", default="results")
     zoo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    zoo.add_argument(
-        "--checkpoint-interval-s",
-        type=_interval,
-        default=300.0,
-        metavar="SECONDS|never",
-        help="save each teacher's training state this often, to resume after a kill (300)",
-    )
+    checkpoint_interval(zoo, "teacher's training")
     data_options(zoo)
     zoo.set_defaults(handler=_cmd_zoo)
 
     run = sub.add_parser("run", help="meta-train one method and evaluate it (writes records)")
     run.add_argument("--spec", help="full run spec as JSON (what the Snakefile passes)")
     run.add_argument("--from-record", help="rerun exactly the spec stored in a run record")
+    checkpoint_interval(run, "run")
     run.add_argument("--config", help="workflow config YAML, with the four options below")
     run.add_argument("--scenario")
     run.add_argument("--method")

@@ -134,8 +134,6 @@ class RunSpec(BaseModel):
     data_root: str | None
     cache_dir: str | None
     device: Literal["auto", "cpu", "cuda"]
-    # not part of what a run computes: a state saved at any interval continues the same run
-    checkpoint_interval_s: float | None = 300.0
 
 
 def load_workflow_config(path: Path | str) -> WorkflowConfig:
@@ -184,7 +182,6 @@ def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, see
         data_root=config.data_root,
         cache_dir=config.cache_dir,
         device=config.device,
-        checkpoint_interval_s=config.checkpoint_interval_s,
     )
 
 

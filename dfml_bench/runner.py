@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -50,12 +49,14 @@ class CheckpointScore:
         return sum(result.mean for result in self.val) / len(self.val)
 
 
-def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
+def execute_run(
+    spec: RunSpec, progress: bool = True, checkpoint_interval_s: float | None = None
+) -> list[Path]:
     """Meta-train, evaluate every checkpoint, write one record per protocol (atomically).
 
-    With `spec.checkpoint_interval_s` set, the run's full state is saved in `<run_dir>/resume/`
-    at that interval and at every evaluated checkpoint; started again after a crash or a kill,
-    the same run continues from the newest good state and writes the same records."""
+    With `checkpoint_interval_s` set, the run's full state is saved in `<run_dir>/resume/` at
+    that interval and at every evaluated checkpoint; started again after a crash or a kill, the
+    same run continues from the newest good state and writes the same records."""
     device = resolve_device(spec.device)
     torch.manual_seed(spec.seed)
     zoo = Zoo.open(spec.zoo_dir)
@@ -67,7 +68,7 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
     ]
     method = create_method(spec.method, spec.method_settings)
     resume_dir = Path(spec.run_dir) / "resume"
-    checkpointer = Checkpointer(resume_dir, run_fingerprint(spec), spec.checkpoint_interval_s)
+    checkpointer = Checkpointer(resume_dir, run_fingerprint(spec), checkpoint_interval_s)
     context = MetaTrainContext(
         zoo,
         spec.meta_model,
@@ -154,9 +155,8 @@ def execute_run(spec: RunSpec, progress: bool = True) -> list[Path]:
 
 
 def run_fingerprint(spec: RunSpec) -> str:
-    """What a saved state must match to be continued: the spec, bar how often it is saved."""
-    relevant = spec.model_dump(exclude={"checkpoint_interval_s"})
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    """What a saved state must match to be continued: everything the run computes from."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
 
 
 @dataclass

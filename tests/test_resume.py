@@ -25,6 +25,7 @@ from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
 
 REPO = Path(__file__).resolve().parents[1]
+EVERY_ITERATION = 0.0  # save after every iteration: any of them can be the last before a kill
 TIMINGS = {"created", "environment", "meta_train_s", "recovery_s", "eval_s", "icfil_s_per_task"}
 # small budgets with every mechanism on: curriculum switches, replay, several checkpoints
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -76,7 +77,6 @@ def spec_for(method: str, zoo_dir: str, run_dir: Path, **settings: Any) -> RunSp
         data_root=None,
         cache_dir=None,
         device="cpu",
-        checkpoint_interval_s=0,  # save after every iteration: any of them can be the last
     )
 
 
@@ -114,12 +114,21 @@ def uninterrupted(glyph_zoo_dir: str, tmp_path_factory: pytest.TempPathFactory) 
     """One uninterrupted run per method, the reference every resumed run must equal."""
     root = tmp_path_factory.mktemp("uninterrupted")
     for method in SETTINGS:
-        execute_run(spec_for(method, glyph_zoo_dir, root / method), progress=False)
+        execute_run(spec_for(method, glyph_zoo_dir, root / method), False, EVERY_ITERATION)
     return {method: root / method for method in SETTINGS}
 
 
 # PURER: killed mid-curriculum and after the last checkpoint (then only meta-val is left); FREE:
 # mid-replay; oracle and DRO (whose inverted data must come back from the state) mid-training
+@pytest.mark.parametrize("method", ["purer", "free"])
+def test_two_runs_of_one_spec_give_identical_records(
+    method: str, glyph_zoo_dir: str, uninterrupted: dict[str, Path], tmp_path: Path
+) -> None:
+    """Determinism on CPU: same config and seed, same records (timings aside)."""
+    execute_run(spec_for(method, glyph_zoo_dir, tmp_path / "again"), False, EVERY_ITERATION)
+    assert comparable(tmp_path / "again") == comparable(uninterrupted[method])
+
+
 @pytest.mark.parametrize(
     ("method", "saves"),
     [("purer", 5), ("purer", 9), ("free", 4), ("oracle", 2), ("dro", 4)],
@@ -136,11 +145,11 @@ def test_run_killed_after_a_save_resumes_to_the_same_records(
     with monkeypatch.context() as patch:
         kill_after_saves(patch, saves)
         with pytest.raises(Killed):
-            execute_run(spec, progress=False)
+            execute_run(spec, False, EVERY_ITERATION)
     assert not record_path(spec.run_dir, "paper").exists()
     assert list((tmp_path / "run" / "resume").glob("state-*.pt"))
 
-    execute_run(spec, progress=False)
+    execute_run(spec, False, EVERY_ITERATION)
     assert comparable(tmp_path / "run") == comparable(uninterrupted[method])
     record = json.loads(record_path(spec.run_dir, "paper").read_text())
     assert len(record["resumed_from"]) == 1
@@ -157,13 +166,13 @@ def test_corrupt_newest_state_falls_back_to_the_one_before(
     with monkeypatch.context() as patch:
         kill_after_saves(patch, 5)
         with pytest.raises(Killed):
-            execute_run(spec, progress=False)
+            execute_run(spec, False, EVERY_ITERATION)
     states = sorted((tmp_path / "run" / "resume").glob("state-*.pt"))
     assert len(states) == 2  # the newest and its fallback
     states[-1].write_bytes(states[-1].read_bytes()[:1000])  # truncated, e.g. by a full disk
 
     with pytest.warns(ResumeWarning, match=f"{states[-1].name} is unreadable"):
-        execute_run(spec, progress=False)
+        execute_run(spec, False, EVERY_ITERATION)
     assert comparable(tmp_path / "run") == comparable(uninterrupted["purer"])
     record = json.loads(record_path(spec.run_dir, "paper").read_text())
     assert record["resumed_from"] == [int(states[0].stem.split("-")[1])]
@@ -179,11 +188,11 @@ def test_state_of_another_configuration_is_not_continued(
     with monkeypatch.context() as patch:
         kill_after_saves(patch, 3)
         with pytest.raises(Killed):
-            execute_run(changed, progress=False)
+            execute_run(changed, False, EVERY_ITERATION)
 
     spec = spec_for("purer", glyph_zoo_dir, tmp_path / "run")
     with pytest.warns(ResumeWarning, match="another configuration"):
-        execute_run(spec, progress=False)
+        execute_run(spec, False, EVERY_ITERATION)
     assert comparable(tmp_path / "run") == comparable(uninterrupted["purer"])
     assert json.loads(record_path(spec.run_dir, "paper").read_text())["resumed_from"] == []
 
@@ -191,11 +200,9 @@ def test_state_of_another_configuration_is_not_continued(
 def test_no_state_is_saved_when_checkpointing_is_off(
     glyph_zoo_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = spec_for("oracle", glyph_zoo_dir, tmp_path / "run").model_copy(
-        update={"checkpoint_interval_s": None}
-    )
+    spec = spec_for("oracle", glyph_zoo_dir, tmp_path / "run")
     kill_after_saves(monkeypatch, 1)  # any save would end the run
-    execute_run(spec, progress=False)
+    execute_run(spec, False, checkpoint_interval_s=None)
     assert record_path(spec.run_dir, "paper").is_file()
     assert not (tmp_path / "run" / "resume").exists()
 
@@ -214,6 +221,7 @@ def test_process_killed_by_a_signal_resumes_with_the_same_command(
         "run",
         "--spec",
         spec_for("purer", glyph_zoo_dir, run_dir).model_dump_json(),
+        "--checkpoint-interval-s=0",
     ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, env=os.environ)
     deadline = time.monotonic() + 120
@@ -262,10 +270,11 @@ def test_teacher_training_killed_mid_way_resumes_to_the_same_weights(
 
 
 @pytest.mark.parametrize("value", ["-1", "soon"])
+@pytest.mark.parametrize("command", [["zoo", "train", "x.yaml"], ["run", "--from-record", "x"]])
 def test_bad_checkpoint_interval_is_a_one_line_error(
-    value: str, capsys: pytest.CaptureFixture[str]
+    command: list[str], value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as stopped:
-        main(["zoo", "train", "model_zoo_recipes/x.yaml", f"--checkpoint-interval-s={value}"])
+        main([*command, f"--checkpoint-interval-s={value}"])
     assert stopped.value.code == 2
     assert "--checkpoint-interval-s" in capsys.readouterr().err

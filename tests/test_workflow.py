@@ -128,3 +128,51 @@ def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: 
     for path, mtime in finished.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was redone"
     assert not list(results.glob("**/.*.tmp")), "a temp file was left behind"
+
+
+@pytest.mark.slow
+def test_workflow_killed_with_sigkill_resumes_the_running_job(tmp_path: Path) -> None:
+    """SIGKILL to Snakemake and its jobs (a lost node) in the middle of a PURER run: after
+    `--unlock`, the same command with `--rerun-incomplete` continues that run from its saved
+    state instead of from scratch, and completes the workflow."""
+    import json
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    config = yaml.safe_load((REPO / "tests/data/tiny-workflow.yaml").read_text())
+    config["scenarios"] = {"mh": {"recipe": "tiny-mh", "methods": ["random", "purer"]}}
+    config["method_settings"]["purer"] |= {"iterations": 40, "checkpoints": 2}
+    config["checkpoint_interval_s"] = 0
+    config["results_dir"] = str(tmp_path / "results")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    run = tmp_path / "results/runs/mh/purer/1shot/seed0"
+    command = [
+        *SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "1",
+        "--configfile", str(config_file), "--directory", str(tmp_path),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not (run / "resume/state-000000005.pt").exists():
+        assert process.poll() is None, "the workflow ended before it could be killed"
+        assert time.monotonic() < deadline, "the PURER run saved no state in time"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (run / "record-paper.json").exists()
+
+    unlock = subprocess.run([*command, "--unlock"], capture_output=True, text=True, timeout=300)
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
+    again = subprocess.run(
+        [*command, "--rerun-incomplete"], capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((run / "record-paper.json").read_text())["resumed_from"]
+    assert len(resumed) == 1 and 5 <= resumed[0] < 40
+    assert (tmp_path / "results/REPORT.md").is_file()
+    assert not (run / "resume").exists()

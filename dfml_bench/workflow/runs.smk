@@ -17,8 +17,10 @@ rule run_method:
         spec=lambda wildcards: run_spec(
             CFG, wildcards.scenario, wildcards.method, int(wildcards.shots), int(wildcards.seed)
         ).model_dump_json(),
+        interval="never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s,
     threads: 1
     resources:
         gpu=GPU,
     shell:
-        "OMP_NUM_THREADS={threads} {params.dfml} run --spec {params.spec:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.dfml} run --spec {params.spec:q}"
+        " --checkpoint-interval-s {params.interval} > {log:q} 2>&1"
