@@ -17,6 +17,7 @@ from dfml_bench.config import RunSpec
 from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.device import resolve_device
 from dfml_bench.environment import environment
+from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
@@ -100,6 +101,7 @@ def execute_run(
             run.meta_train_seconds += time.perf_counter() - started
             if checkpoint is None:
                 break
+            _check_finite(checkpoint, spec.method)
             started = time.perf_counter()
             test = [
                 _evaluate(checkpoint, d, "test", spec, device, progress, icfil=icfil)
@@ -152,6 +154,18 @@ def execute_run(
         written.append(atomic.write_json(record_path(spec.run_dir, protocol), record))
     checkpointer.clear()
     return written
+
+
+def _check_finite(checkpoint: Checkpoint, method: str) -> None:
+    """A model with NaN or infinite weights still predicts some class, so its accuracy would
+    look like a number; stop instead of recording it."""
+    bad = [n for n, p in checkpoint.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DfmlError(
+            f"{method}: the meta-model at iteration {checkpoint.iteration} has non-finite "
+            f"weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was "
+            "recorded; lower the method's learning rates"
+        )
 
 
 def run_fingerprint(spec: RunSpec) -> str:
