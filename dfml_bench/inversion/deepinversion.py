@@ -39,6 +39,7 @@ def _bn_matching_loss(module: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Ten
     `var` is the BIASED batch variance (as the authors' code), while PyTorch's running_var averages
     unbiased ones; for a real batch (n = N*H*W values per channel) the n/(n-1) gap is negligible.
     """
+    inputs = inputs.float()  # under bfloat16 autocast: statistics in float32 all the same
     mean = inputs.mean(dim=(0, 2, 3))
     var = inputs.var(dim=(0, 2, 3), correction=0)
     return torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(
@@ -221,6 +222,7 @@ def deep_inversion_loss(
             with bn_feature_statistics(teacher) as statistics:
                 logits = teacher(teacher_input)
             bn = statistics.total()
+        logits = logits.float()
         ce = F.cross_entropy(logits, targets)
     tv = total_variation(jittered)
     l2 = l2_prior(jittered)

@@ -141,7 +141,7 @@ class _TeacherGroup:
             self.bn_losses.clear()
             logits = functional_call(
                 self.base, (params, buffers), (fit_to_teacher(self.base, jittered),)
-            )
+            ).float()
             if self.collect_bn:
                 bn = torch.stack(self.bn_losses).sum()
             else:

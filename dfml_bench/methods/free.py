@@ -40,6 +40,7 @@ from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
 from dfml_bench.inversion.pool import save_image_rows, save_task_grid
+from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
 from dfml_bench.inversion.vectorised import (
     InversionStrategy,
     StackedTeachers,
@@ -86,6 +87,9 @@ class FreeSettings(BaseModel):
     checkpoints: int = Field(10, ge=1)
     inversion_strategy: InversionStrategy = Field(
         "auto", description="adapt the generators teacher by teacher (loop) or all sampled at once"
+    )
+    inversion_precision: InversionPrecision = Field(
+        "float32", description="bfloat16: teacher passes under autocast (for GPUs)"
     )
 
 
@@ -311,9 +315,10 @@ class Free(Method):
         def loss(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
             images = [fast(latent) for fast, latent in zip(fasts, latents)]
             step_shifts = None if settings.jitter == 0 else torch.stack([s[step] for s in shifts])
-            inversion, logits = stacked.loss(
-                images, targets, weights, settings.jitter, generator, sampled, step_shifts
-            )
+            with inversion_autocast(settings.inversion_precision, device):
+                inversion, logits = stacked.loss(
+                    images, targets, weights, settings.jitter, generator, sampled, step_shifts
+                )
             objective = inversion.total
             if settings.adversarial_weight != 0:
                 for teacher_logits, teacher_images in zip(logits, images):
@@ -354,9 +359,10 @@ class Free(Method):
         weights: DeepInversionWeights,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        inversion = deep_inversion_loss(
-            teacher, images, targets, weights, settings.jitter, generator
-        )
+        with inversion_autocast(settings.inversion_precision, images.device):
+            inversion = deep_inversion_loss(
+                teacher, images, targets, weights, settings.jitter, generator
+            )
         if settings.adversarial_weight == 0:
             return inversion.total
         assert inversion.logits is not None

@@ -34,6 +34,7 @@ from dfml_bench.inversion import (
     deep_inversion_loss_over_teachers,
 )
 from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
+from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
 from dfml_bench.inversion.vectorised import InversionStrategy, StackedTeachers, resolve_strategy
 from dfml_bench.methods.average import average_of_zoo
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
@@ -66,6 +67,9 @@ class PurerSettings(BaseModel):
     checkpoints: int = Field(10, ge=1, description="evenly spaced evaluations")
     inversion_strategy: InversionStrategy = Field(
         "auto", description="teachers one by one (loop) or vmapped; auto: vectorised on CUDA"
+    )
+    inversion_precision: InversionPrecision = Field(
+        "float32", description="bfloat16: teacher passes under autocast (for GPUs)"
     )
 
 
@@ -114,6 +118,7 @@ def eci_data_step(
     generator: torch.Generator,
     adversary: Adversary | None = None,
     task_shape: tuple[int, int, int] = (5, 1, 15),
+    precision: InversionPrecision = "float32",
 ) -> InversionLoss:
     """One Adam step on the pool: the DeepInversion loss summed over teachers (each on its own
     block), minus `adversary.weight` x the meta-model's outer loss on a pseudo task of
@@ -122,14 +127,15 @@ def eci_data_step(
     Stacked teachers compute the same loss in one vmapped call per architecture; a list of
     teachers inverts them one by one (the reference, and the faster path on a CPU)."""
     optimizer.zero_grad(set_to_none=True)
-    if isinstance(teachers, StackedTeachers):
-        inversion, _ = teachers.loss(
-            list(pool.blocks), pool.local_labels, weights, jitter, generator
-        )
-    else:
-        inversion = deep_inversion_loss_over_teachers(
-            teachers, list(pool.blocks), pool.local_labels, weights, jitter, generator
-        )
+    with inversion_autocast(precision, pool.blocks[0].device):
+        if isinstance(teachers, StackedTeachers):
+            inversion, _ = teachers.loss(
+                list(pool.blocks), pool.local_labels, weights, jitter, generator
+            )
+        else:
+            inversion = deep_inversion_loss_over_teachers(
+                teachers, list(pool.blocks), pool.local_labels, weights, jitter, generator
+            )
     objective = inversion.total
     if adversary is not None:
         task = pool.sample_task(*task_shape, generator, detach=False)
@@ -236,6 +242,7 @@ class Purer(Method):
                 generator,
                 adversary,
                 (context.ways, context.shots, settings.queries),
+                settings.inversion_precision,
             )
             synchronize(device)
             self.timings.recovery_seconds += time.perf_counter() - started

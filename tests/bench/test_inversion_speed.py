@@ -47,25 +47,29 @@ def _pool(teachers: int, per_class: int, device: torch.device) -> PseudoImagePoo
     return PseudoImagePool(classes, per_class, 32, torch.Generator().manual_seed(0)).to(device)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_eci_data_step(benchmark, device: torch.device, strategy: str) -> None:
+def test_eci_data_step(benchmark, device: torch.device, strategy: str, precision: str) -> None:
     """One ECI data step: DeepInversion loss of 13 teachers, each on its 5 classes x 20 images,
-    backward, Adam on the pool (PURER's 5-shot setting)."""
+    backward, Adam on the pool (PURER's 5-shot setting); teacher passes in float32 or under
+    bfloat16 autocast (`inversion_precision`)."""
     count = sized(13, 3)
     zoo, pool = _zoo(strategy, count, device), _pool(count, 20, device)
     optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        eci_data_step(zoo, pool, optimizer, DeepInversionWeights(), 2, generator)
+        eci_data_step(
+            zoo, pool, optimizer, DeepInversionWeights(), 2, generator, precision=precision
+        )
 
     measure(
         benchmark,
         step,
         device,
         group="PURER ECI data step",
-        variant=strategy,
-        baseline=strategy == "loop",
+        variant=strategy if precision == "float32" else f"{strategy} bf16",
+        baseline=strategy == "loop" and precision == "float32",
         settings=f"{count} conv4 teachers x 5 classes x 20 images, 32px, Adam",
         reference_ms=297.0,
         tasks_per_call=count,  # one 5-way task of 20 images per class per teacher
