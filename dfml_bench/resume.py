@@ -116,9 +116,11 @@ class Checkpointer:
             try:
                 payload = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # any unreadable file: fall back to the one before
+                kept = path.with_suffix(".corrupt")  # kept for a look, out of the way of saves
+                path.replace(kept)
                 warnings.warn(
-                    f"state file {path} is unreadable ({type(error).__name__}); "
-                    "trying the previous one",
+                    f"state file {path} is unreadable ({type(error).__name__}), moved to "
+                    f"{kept.name}; trying the previous one",
                     ResumeWarning,
                     stacklevel=3,
                 )
@@ -128,10 +130,11 @@ class Checkpointer:
             ):
                 warnings.warn(
                     f"state file {path} was saved by another configuration or version; "
-                    "starting from scratch",
+                    "removed its states and starting from scratch",
                     ResumeWarning,
                     stacklevel=3,
                 )
+                self.clear()  # stale states would otherwise outrank the new run's in pruning
                 return None
             return SavedState(payload["iteration"], payload["method"], payload["progress"], path)
         return None

@@ -1,6 +1,5 @@
-"""Resume and run safety: a run or a teacher training stopped at any point continues from its last
-saved state and ends with exactly the record (or teacher file) of an uninterrupted run on CPU;
-a diverged run records nothing."""
+"""Resume: a run or a teacher training stopped at any point continues from its last saved state
+and ends with exactly the record (or teacher file) of an uninterrupted run on CPU."""
 
 from __future__ import annotations
 
@@ -279,16 +278,3 @@ def test_bad_checkpoint_interval_is_a_one_line_error(
         main([*command, f"--checkpoint-interval-s={value}"])
     assert stopped.value.code == 2
     assert "--checkpoint-interval-s" in capsys.readouterr().err
-
-
-def test_meta_model_with_non_finite_weights_is_never_recorded(
-    glyph_zoo_dir: str, tmp_path: Path
-) -> None:
-    """Diverged training (an outer learning rate of 1e30 overflows Adam's first step) must stop
-    the run with the iteration named, not record the accuracy of a NaN model."""
-    from dfml_bench.errors import DfmlError
-
-    spec = spec_for("oracle", glyph_zoo_dir, tmp_path / "run", outer_lr=1e30)
-    with pytest.raises(DfmlError, match=r"iteration 2 has non-finite weights"):
-        execute_run(spec, False, EVERY_ITERATION)
-    assert not list((tmp_path / "run").glob("record-*.json"))

@@ -25,7 +25,9 @@ from dfml_bench.errors import DatasetError
 from dfml_bench.paths import DATA_ROOT_ENV
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
-DECODE_VERSION = 1  # part of every cache key: bump when decoding or resizing changes
+DECODE_VERSION = 2  # part of every cache key: bump when decoding or resizing changes
+# 16/32-bit greyscale (16-bit PNGs): PIL's convert("RGB") clips these at 255, i.e. to white
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # Errors PIL raises for a corrupt, truncated or unsupported file (UnidentifiedImageError is an
 # OSError; SyntaxError and EOFError come from some format plugins).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -190,6 +192,9 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
 
 def _to_chw(image: Image.Image, size: int) -> np.ndarray:
     """Any PIL mode -> uint8 [3, size, size]; grey is resized once, then copied to 3 channels."""
+    if image.mode in _WIDE_GREY_MODES:  # 0..65535 -> 0..255, as the 8-bit version of the file
+        wide = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(np.rint(wide.clip(0, 255)).astype(np.uint8))
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")  # palette, RGBA (alpha dropped), CMYK, 1-bit, ...
     if image.size != (size, size):

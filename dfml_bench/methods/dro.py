@@ -23,6 +23,7 @@ inverted inputs as the data-free stand-in for the teachers' tasks. Same-architec
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator
 
@@ -34,6 +35,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from dfml_bench.device import synchronize
+from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss
 from dfml_bench.methods.average import average_of_zoo
@@ -194,6 +196,10 @@ class Dro(Method):
                 objective += float(loss.detach()) / count
                 nominal += float(clean) / count
                 robust += (float(loss.detach()) - float(clean)) / count
+            if not math.isfinite(objective):
+                raise DfmlError(
+                    f"dro: non-finite objective at iteration {iteration}; lower lr or ascent_lr"
+                )
             optimizer.step()
             self.history.append({"objective": objective, "nominal": nominal, "robust": robust})
             progress.set_postfix(objective=f"{objective:.3f}", robust=f"{robust:.3f}")
@@ -229,4 +235,6 @@ class Dro(Method):
             optimizer.step()
         with torch.no_grad():
             probs = F.softmax(teacher(images), 1)
+        if not bool(images.isfinite().all() & probs.isfinite().all()):
+            raise DfmlError("dro: inversion produced non-finite images; lower inversion_lr")
         return images.detach(), probs

@@ -211,6 +211,12 @@ class Free(Method):
                 recovered.append((index, images, local))
                 meta_gradients.append(gradients)
                 images_recovered += images.shape[0]
+            # one check per epoch (one host sync): a NaN generator would fill the memory with NaN
+            if not bool(torch.stack([images.isfinite().all() for _, images, _ in recovered]).all()):
+                raise DfmlError(
+                    f"{self.name}: non-finite recovered images at epoch {epoch} (the generator "
+                    "diverged); lower generator_lr or meta_generator_lr"
+                )
             if self.meta_generator:
                 meta_gen_optimizer.zero_grad(set_to_none=True)
                 for param, *per_teacher in zip(meta_gen.parameters(), *meta_gradients):
@@ -221,7 +227,14 @@ class Free(Method):
 
             if epoch > settings.warmup_epochs:
                 self._learn_from_teachers(model, teachers, recovered, settings)
-                replay_batches += self._replay(model, meta_optimizer, memory, context, generator)
+                if not all(bool(p.isfinite().all()) for p in model.parameters()):
+                    raise DfmlError(
+                        f"{self.name}: non-finite meta-learner after distillation at epoch "
+                        f"{epoch}; lower kd_lr"
+                    )
+                replay_batches += self._replay(
+                    model, meta_optimizer, memory, context, generator, epoch
+                )
             progress.set_postfix(memory=len(memory))
 
             if epoch in evaluate_at:
@@ -410,6 +423,7 @@ class Free(Method):
         memory: ImageMemory,
         context: MetaTrainContext,
         generator: torch.Generator,
+        epoch: int,
     ) -> int:
         """MAML on memory tasks until the accuracy has not improved for `replay_patience`."""
         settings: FreeSettings = self.settings  # type: ignore[assignment]
@@ -428,7 +442,10 @@ class Free(Method):
                 settings.second_order,
             )
             if not torch.isfinite(loss):
-                raise DfmlError(f"{self.name}: non-finite meta-loss in replay; lower outer_lr")
+                raise DfmlError(
+                    f"{self.name}: non-finite meta-loss in replay at epoch {epoch}, meta-batch "
+                    f"{batches + 1}; lower outer_lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

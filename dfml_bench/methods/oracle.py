@@ -112,6 +112,11 @@ class Oracle(Method):
                 settings.inner_lr,
                 settings.second_order,
             )
+            if not torch.isfinite(loss):
+                raise DfmlError(
+                    f"{self.name}: non-finite meta-loss at meta-iteration {iteration}; "
+                    "lower outer_lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

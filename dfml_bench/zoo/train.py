@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from dfml_bench import atomic
 from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.environment import environment
-from dfml_bench.errors import ConfigError
+from dfml_bench.errors import ConfigError, DfmlError
 from dfml_bench.models import build_model
 from dfml_bench.models.storage import file_sha256, save_state
 from dfml_bench.resume import Checkpointer
@@ -254,6 +254,11 @@ def _train_teacher(
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
         scheduler.step()
+        if not all(bool(p.isfinite().all()) for p in model.parameters()):
+            raise DfmlError(
+                f"recipe {recipe.name}: teacher {plan.index} has non-finite weights after epoch "
+                f"{epoch}; lower its learning rate (optimizers in the recipe)"
+            )
         accuracy = _accuracy(model, heldout_x, heldout_y)
         epochs.set_postfix(heldout=f"{accuracy:.1f}%")
         if accuracy > best_accuracy:
