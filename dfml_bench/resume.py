@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,24 @@ class Checkpointer:
                 return None
             return SavedState(payload["iteration"], payload["method"], payload["progress"], path)
         return None
+
+
+def snapshot(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """The states of a loop's objects: `state_dict()` of modules, optimisers and schedulers,
+    `get_state()` of torch.Generators."""
+    return {
+        name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+        for name, obj in objects.items()
+    }
+
+
+def load_snapshot(objects: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """Put back what `snapshot` took, into the same (already built) objects."""
+    for name, obj in objects.items():
+        if isinstance(obj, torch.Generator):
+            obj.set_state(saved[name])
+        else:
+            obj.load_state_dict(saved[name])
 
 
 def rng_states() -> dict[str, Any]:

@@ -41,6 +41,7 @@ from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss
 from dfml_bench.methods.average import average_of_zoo
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
+from dfml_bench.resume import load_snapshot, snapshot
 
 
 class DroSettings(BaseModel):
@@ -141,12 +142,11 @@ class Dro(Method):
         self.history: list[dict[str, float]] = []
         evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
 
+        stateful = {"fusion": fusion, "optimizer": optimizer, "generator": generator}
+
         def state() -> dict[str, object]:
-            return {
+            return snapshot(stateful) | {
                 "data": [list(pair) for pair in data],
-                "fusion": fusion.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
                 "history": self.history,
             }
 
@@ -154,13 +154,11 @@ class Dro(Method):
         restored = context.resume.restore_method()
         if restored is not None:
             done, saved = restored
+            load_snapshot(stateful, saved)
             data = [
                 (images.to(context.device), probs.to(context.device))
                 for images, probs in saved["data"]
             ]
-            fusion.load_state_dict(saved["fusion"])
-            optimizer.load_state_dict(saved["optimizer"])
-            generator.set_state(saved["generator"])
             self.history = saved["history"]
 
         progress = tqdm(
@@ -193,9 +191,10 @@ class Dro(Method):
                 (loss / count).backward()
                 with torch.no_grad():
                     clean = teacher_loss(model, fusion(fusion.embeddings[index]), images, probs)
-                objective += float(loss.detach()) / count
-                nominal += float(clean) / count
-                robust += (float(loss.detach()) - float(clean)) / count
+                loss_value, clean_value = float(loss.detach()), float(clean)
+                objective += loss_value / count
+                nominal += clean_value / count
+                robust += (loss_value - clean_value) / count
             if not math.isfinite(objective):
                 raise DfmlError(
                     f"dro: non-finite objective at iteration {iteration}; lower lr or ascent_lr"

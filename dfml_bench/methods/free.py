@@ -51,6 +51,7 @@ from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, regist
 from dfml_bench.methods.maml import Params, maml_outer_loss
 from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
 from dfml_bench.models import build_model
+from dfml_bench.resume import load_snapshot, snapshot
 
 
 class FreeSettings(BaseModel):
@@ -154,14 +155,17 @@ class Free(Method):
         evaluate_at = checkpoint_iterations(settings.epochs, settings.checkpoints)
         images_recovered, replay_batches = 0, 0
 
+        stateful = {
+            "model": model,
+            "meta_optimizer": meta_optimizer,
+            "meta_generator": meta_gen,
+            "meta_generator_optimizer": meta_gen_optimizer,
+            "generator": generator,
+        }
+
         def state() -> dict[str, object]:
-            return {
-                "model": model.state_dict(),
-                "meta_optimizer": meta_optimizer.state_dict(),
-                "meta_generator": meta_gen.state_dict(),
-                "meta_generator_optimizer": meta_gen_optimizer.state_dict(),
+            return snapshot(stateful) | {
                 "memory": memory.state_dict(),
-                "generator": generator.get_state(),
                 "counts": [images_recovered, replay_batches],
             }
 
@@ -169,12 +173,8 @@ class Free(Method):
         restored = context.resume.restore_method()
         if restored is not None:
             done, saved = restored
-            model.load_state_dict(saved["model"])
-            meta_optimizer.load_state_dict(saved["meta_optimizer"])
-            meta_gen.load_state_dict(saved["meta_generator"])
-            meta_gen_optimizer.load_state_dict(saved["meta_generator_optimizer"])
+            load_snapshot(stateful, saved)
             memory.load_state_dict(saved["memory"], device)
-            generator.set_state(saved["generator"])
             images_recovered, replay_batches = saved["counts"]
 
         progress = tqdm(

@@ -20,6 +20,7 @@ from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, regist
 from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.methods.purer import checkpoint_iterations
 from dfml_bench.models import build_model
+from dfml_bench.resume import load_snapshot, snapshot
 
 TRAIN_SEED_OFFSET = 20_011  # meta-train episodes: a stream apart from val and test
 
@@ -67,20 +68,12 @@ class Oracle(Method):
         ]
         evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
 
-        def state() -> dict[str, object]:
-            return {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-            }
-
+        stateful = {"model": model, "optimizer": optimizer, "generator": generator}
         done = 0
         restored = context.resume.restore_method()
         if restored is not None:
             done, saved = restored
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            generator.set_state(saved["generator"])
+            load_snapshot(stateful, saved)
 
         progress = tqdm(
             range(done + 1, settings.iterations + 1),
@@ -123,7 +116,9 @@ class Oracle(Method):
             progress.set_postfix(acc=f"{accuracy:.1f}")
             if iteration in evaluate_at:
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
-            context.resume.step(iteration, state, force=iteration in evaluate_at)
+            context.resume.step(
+                iteration, lambda: snapshot(stateful), force=iteration in evaluate_at
+            )
 
 
 def _prepare(

@@ -40,6 +40,7 @@ from dfml_bench.methods.average import average_of_zoo
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import build_model
+from dfml_bench.resume import load_snapshot, snapshot
 
 PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 queries otherwise)
 
@@ -193,13 +194,16 @@ class Purer(Method):
         adversarial, adversarial_steps = False, 0
         self.timings.extra["pseudo_images"] = float(pool.num_images)
 
+        stateful = {
+            "model": model,
+            "pool": pool,
+            "data_optimizer": data_optimizer,
+            "meta_optimizer": meta_optimizer,
+            "generator": generator,
+        }
+
         def state() -> dict[str, object]:
-            return {
-                "model": model.state_dict(),
-                "pool": pool.state_dict(),
-                "data_optimizer": data_optimizer.state_dict(),
-                "meta_optimizer": meta_optimizer.state_dict(),
-                "generator": generator.get_state(),
+            return snapshot(stateful) | {
                 "curriculum": None if switch is None else [switch.best, switch.stale],
                 "adversarial": [adversarial, adversarial_steps],
             }
@@ -208,11 +212,7 @@ class Purer(Method):
         restored = context.resume.restore_method()
         if restored is not None:
             done, saved = restored
-            model.load_state_dict(saved["model"])
-            pool.load_state_dict(saved["pool"])
-            data_optimizer.load_state_dict(saved["data_optimizer"])
-            meta_optimizer.load_state_dict(saved["meta_optimizer"])
-            generator.set_state(saved["generator"])
+            load_snapshot(stateful, saved)
             if switch is not None:
                 switch.best, switch.stale = saved["curriculum"]
             adversarial, adversarial_steps = saved["adversarial"]

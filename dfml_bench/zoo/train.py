@@ -19,7 +19,7 @@ from dfml_bench.environment import environment
 from dfml_bench.errors import ConfigError, DfmlError
 from dfml_bench.models import build_model
 from dfml_bench.models.storage import file_sha256, save_state
-from dfml_bench.resume import Checkpointer
+from dfml_bench.resume import Checkpointer, load_snapshot, snapshot
 from dfml_bench.zoo.manifest import TeacherRecord, Zoo, ZooManifest
 from dfml_bench.zoo.recipe import ZooRecipe
 
@@ -210,11 +210,10 @@ def _train_teacher(
 
     best_accuracy, best_epoch, best_state = -1.0, 0, None
 
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+
     def state() -> dict[str, object]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+        return snapshot(stateful) | {
             "best": [best_accuracy, best_epoch, best_state],
             "seconds": time.perf_counter() - started,
         }
@@ -228,9 +227,7 @@ def _train_teacher(
     restored = checkpointer.restore_method()
     if restored is not None:
         done, saved = restored
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        load_snapshot(stateful, saved)
         best_accuracy, best_epoch, best_state = saved["best"]
         started -= saved["seconds"]  # the record's train_seconds spans every attempt
     epochs = tqdm(
