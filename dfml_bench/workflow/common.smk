@@ -18,6 +18,10 @@ GPU = int(CFG.device == "cuda")
 RUNS = all_runs(CFG)
 LABELS = sorted({CFG.scenarios[scenario].label.lower() for scenario, *_ in RUNS})
 DFML = f'"{sys.executable}" -m dfml_bench --quiet'
+# --checkpoint-interval-s of zoo and run jobs (how often they save a state to resume from)
+CHECKPOINT_INTERVAL = (
+    "never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s
+)
 # quoted in REPORT.md as the command that reproduces every number
 REPRODUCE = "snakemake --cores all" + "".join(
     f" --configfile {os.path.relpath(path, workflow.basedir)}" for path in workflow.configfiles

@@ -17,7 +17,7 @@ rule run_method:
         spec=lambda wildcards: run_spec(
             CFG, wildcards.scenario, wildcards.method, int(wildcards.shots), int(wildcards.seed)
         ).model_dump_json(),
-        interval="never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s,
+        interval=CHECKPOINT_INTERVAL,
     threads: 1
     resources:
         gpu=GPU,

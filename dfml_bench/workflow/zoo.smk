@@ -13,7 +13,7 @@ rule train_zoo:
         out=lambda wildcards, output: os.path.dirname(output.manifest),
         device=CFG.device,
         data=DATA_OPTIONS,
-        interval="never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s,
+        interval=CHECKPOINT_INTERVAL,
     threads: 1
     resources:
         gpu=GPU,
