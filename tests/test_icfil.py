@@ -13,11 +13,11 @@ from dfml_bench.evaluation.adaptation import finetune, parameters_of, use_batch_
 from dfml_bench.evaluation.harness import EvaluationSettings, evaluate
 from dfml_bench.evaluation.icfil import (
     IcfilSettings,
-    _channel_statistics,
     contrastive_calibration_loss,
     icfil_calibrate,
     invert_adapted,
 )
+from dfml_bench.inversion.deepinversion import channel_statistics
 from dfml_bench.models import build_model
 from tests.conftest import TOY
 
@@ -124,7 +124,7 @@ def test_inversion_lowers_the_adapted_models_cross_entropy() -> None:
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_bn_target_statistics_are_per_channel_biased(memory_format: torch.memory_format) -> None:
     features = (torch.randn(4, 6, 5, 5) * 3 + 2).contiguous(memory_format=memory_format)
-    mean, variance = _channel_statistics(features)
+    mean, variance = channel_statistics(features)
     torch.testing.assert_close(mean, features.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(variance, features.var(dim=(0, 2, 3), correction=0))
 

@@ -52,7 +52,12 @@ from torch import nn
 from torch.func import functional_call
 
 from dfml_bench.evaluation.adaptation import Params
-from dfml_bench.inversion.deepinversion import l2_prior, random_jitter, total_variation
+from dfml_bench.inversion.deepinversion import (
+    channel_statistics,
+    l2_prior,
+    random_jitter,
+    total_variation,
+)
 
 HEAD_PREFIX = "head."
 
@@ -95,16 +100,6 @@ def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             "see `use_batch_statistics`): a forward pass would otherwise update its buffers"
         )
     return layers
-
-
-def _channel_statistics(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over every dimension but the channel one (dim 1).
-
-    Two-pass, on a [values, channels] view (a free reshape of channels_last inputs): forward and
-    backward run ~1.4x faster on CPU than `var_mean` or reducing over dims (0, 2, 3)."""
-    channels = inputs.movedim(1, -1).reshape(-1, inputs.shape[1])
-    mean = channels.mean(dim=0)
-    return mean, (channels - mean).square().mean(dim=0)
 
 
 @contextmanager
@@ -160,7 +155,7 @@ def invert_adapted(
     if use_bn:
         with torch.no_grad(), _bn_inputs(layers) as captured:
             functional_call(model, adapted, (support_images,))
-            targets = [_channel_statistics(captured[i]) for i in range(len(layers))]
+            targets = [channel_statistics(captured[i]) for i in range(len(layers))]
 
     constants = {name: value.detach() for name, value in adapted.items()}
     optimizer = torch.optim.Adam([images], lr=settings.inversion_lr)
@@ -174,7 +169,7 @@ def invert_adapted(
                     torch.linalg.vector_norm(mean - target_mean)
                     + torch.linalg.vector_norm(var - target_var)
                     for (mean, var), (target_mean, target_var) in (
-                        (_channel_statistics(captured[i]), targets[i]) for i in range(len(layers))
+                        (channel_statistics(captured[i]), targets[i]) for i in range(len(layers))
                     )
                 ]
             ).sum()
