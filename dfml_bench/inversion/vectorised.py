@@ -40,14 +40,17 @@ InversionStrategy = Literal["auto", "loop", "vectorised"]
 
 
 def resolve_strategy(
-    strategy: InversionStrategy, device: torch.device | str
+    strategy: InversionStrategy, device: torch.device | str, compile: bool = False
 ) -> Literal["loop", "vectorised"]:
-    """`auto` vectorises on CUDA only. On a CPU the grouped kernels of a vmap over teachers are
-    slower than the loop: one ECI step of 13 Conv4 teachers (5 classes x 20 images, 32 px) took
-    2.2-2.4 s against 0.8 s on 2 cores, 4.2 s against 1.4 s on 1. On a GPU the loop's many tiny
-    kernels are expected to leave it idle, which one vmapped call per group avoids."""
+    """`auto` vectorises on CUDA, or wherever the loss is compiled (only the vectorised path is).
+    On a CPU the grouped kernels of an eager vmap over teachers are slower than the loop: one ECI
+    step of 13 Conv4 teachers (5 classes x 20 images, 32 px) took 2.2-2.4 s against 0.8 s on 2
+    cores, 4.2 s against 1.4 s on 1. On a GPU the loop's many tiny kernels are expected to leave
+    it idle, which one vmapped call per group avoids."""
     if strategy == "auto":
-        return "vectorised" if torch.device(device).type == "cuda" else "loop"
+        return "vectorised" if compile or torch.device(device).type == "cuda" else "loop"
+    if compile and strategy == "loop":
+        raise ValueError("inversion_compile needs the vectorised strategy, not the loop")
     return strategy
 
 
@@ -88,7 +91,7 @@ class _TeacherGroup:
     """Same-architecture teachers stacked once, with a weightless copy whose BN hooks collect the
     matching losses of the batched forward."""
 
-    def __init__(self, members: list[int], teachers: list[nn.Module]) -> None:
+    def __init__(self, members: list[int], teachers: list[nn.Module], compile: bool) -> None:
         self.members = members
         self.row = {index: row for row, index in enumerate(members)}
         params, buffers = stack_module_state(teachers)
@@ -103,10 +106,35 @@ class _TeacherGroup:
         self.bn_losses: list[torch.Tensor] = []
         for layer in layers:
             layer.register_forward_hook(self._hook)
+        # weights, rows and term weights stay outside the compiled call: its inputs are tensors
+        # of fixed shapes, so a new set of sampled teachers (FREE) never recompiles it
+        self._terms = vmap(self._terms_of_one)
+        if compile:
+            self._terms = torch.compile(self._terms)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _: torch.Tensor) -> None:
         if self.collect_bn:
             self.bn_losses.append(_bn_matching_loss(module, inputs[0]))
+
+    def _terms_of_one(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        jittered: torch.Tensor,
+        target: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One teacher's unweighted terms [ce, bn, tv, l2] and logits (vmapped over teachers)."""
+        self.bn_losses.clear()
+        logits = functional_call(
+            self.base, (params, buffers), (fit_to_teacher(self.base, jittered),)
+        ).float()
+        if self.collect_bn:
+            bn = torch.stack(self.bn_losses).sum()
+        else:
+            bn = torch.zeros((), device=jittered.device, dtype=jittered.dtype)
+        self.bn_losses.clear()
+        ce = F.cross_entropy(logits, target)
+        return torch.stack([ce, bn, total_variation(jittered), l2_prior(jittered)]), logits
 
     def state(self, rows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The stacked weights of `rows`: the stacks themselves when all teachers come in order,
@@ -131,32 +159,13 @@ class _TeacherGroup:
         jittered `images` [T, N, C, H, W] and local `targets` [T, N]."""
         params, buffers = self.state(rows)
         self.collect_bn = weights.bn != 0
-
-        def one(
-            params: dict[str, torch.Tensor],
-            buffers: dict[str, torch.Tensor],
-            jittered: torch.Tensor,
-            target: torch.Tensor,
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            self.bn_losses.clear()
-            logits = functional_call(
-                self.base, (params, buffers), (fit_to_teacher(self.base, jittered),)
-            ).float()
-            if self.collect_bn:
-                bn = torch.stack(self.bn_losses).sum()
-            else:
-                bn = torch.zeros((), device=jittered.device, dtype=jittered.dtype)
-            self.bn_losses.clear()
-            ce = F.cross_entropy(logits, target)
-            tv = total_variation(jittered)
-            l2 = l2_prior(jittered)
-            total = weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2
-            return total, torch.stack([ce, bn, tv, l2]), logits
-
         try:
-            return vmap(one)(params, buffers, images, targets)
+            terms, logits = self._terms(params, buffers, images, targets)
         finally:
             self.bn_losses.clear()
+        ce, bn, tv, l2 = terms.unbind(-1)
+        total = weights.ce * ce + weights.bn * bn + weights.tv * tv + weights.l2 * l2
+        return total, terms, logits
 
 
 @dataclass(frozen=True)
@@ -172,10 +181,12 @@ class StackedTeachers:
     shapes (conv4 / resnet10 / resnet18, head sizes, image sizes), each group one vmapped forward.
 
     The weights are a snapshot taken here (teachers are frozen while inverted); teachers must be in
-    eval mode, as for `deep_inversion_loss`.
+    eval mode, as for `deep_inversion_loss`. With `compile`, each group's vmapped call goes through
+    `torch.compile` (fused kernels; the first call of each input shape compiles, which takes tens
+    of seconds, so it pays off on long runs only).
     """
 
-    def __init__(self, teachers: Sequence[nn.Module]) -> None:
+    def __init__(self, teachers: Sequence[nn.Module], compile: bool = False) -> None:
         if not teachers:
             raise ValueError("no teachers to stack")
         if any(teacher.training for teacher in teachers):
@@ -184,7 +195,8 @@ class StackedTeachers:
         for index, teacher in enumerate(teachers):
             members.setdefault(_group_key(teacher), []).append(index)
         self.groups = [
-            _TeacherGroup(indices, [teachers[i] for i in indices]) for indices in members.values()
+            _TeacherGroup(indices, [teachers[i] for i in indices], compile)
+            for indices in members.values()
         ]
         self._group_of = {index: group for group in self.groups for index in group.members}
 

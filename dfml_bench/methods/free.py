@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -40,12 +40,11 @@ from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
 from dfml_bench.inversion.pool import save_image_rows, save_task_grid
-from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
+from dfml_bench.inversion.precision import inversion_autocast
+from dfml_bench.inversion.settings import InversionSpeedSettings
 from dfml_bench.inversion.vectorised import (
-    InversionStrategy,
     StackedTeachers,
     draw_jitter_shifts,
-    resolve_strategy,
 )
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.maml import Params, maml_outer_loss
@@ -54,7 +53,7 @@ from dfml_bench.models import build_model
 from dfml_bench.resume import load_snapshot, snapshot
 
 
-class FreeSettings(BaseModel):
+class FreeSettings(InversionSpeedSettings):
     """Paper defaults where DESIGN.md gives them; ours (marked) where it does not."""
 
     model_config = ConfigDict(extra="forbid")
@@ -86,12 +85,6 @@ class FreeSettings(BaseModel):
     max_replay_batches: int = Field(100, ge=1, description="cap per epoch (ours)")
     memory_capacity: int | None = Field(None, ge=1, description="None: keep every image")
     checkpoints: int = Field(10, ge=1)
-    inversion_strategy: InversionStrategy = Field(
-        "auto", description="adapt the generators teacher by teacher (loop) or all sampled at once"
-    )
-    inversion_precision: InversionPrecision = Field(
-        "float32", description="bfloat16: teacher passes under autocast (for GPUs)"
-    )
 
 
 def masked_adversarial_loss(
@@ -135,8 +128,8 @@ class Free(Method):
         generator = torch.Generator().manual_seed(context.seed)
         teachers = load_teachers(context)
         stacked = None
-        if resolve_strategy(settings.inversion_strategy, device) == "vectorised":
-            stacked = StackedTeachers(teachers)
+        if settings.vectorised_on(device):
+            stacked = StackedTeachers(teachers, compile=settings.inversion_compile)
         records = context.zoo.teachers
         spec = context.meta_model
         model = use_batch_statistics(build_model(spec.architecture, context.ways, spec.image_size))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,7 +35,8 @@ from dfml_bench.inversion import (
 )
 from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
 from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
-from dfml_bench.inversion.vectorised import InversionStrategy, StackedTeachers, resolve_strategy
+from dfml_bench.inversion.settings import InversionSpeedSettings
+from dfml_bench.inversion.vectorised import StackedTeachers
 from dfml_bench.methods.average import average_of_zoo
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.methods.maml import maml_outer_loss
@@ -45,7 +46,7 @@ from dfml_bench.resume import load_snapshot, snapshot
 PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 queries otherwise)
 
 
-class PurerSettings(BaseModel):
+class PurerSettings(InversionSpeedSettings):
     """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
@@ -66,12 +67,6 @@ class PurerSettings(BaseModel):
     curriculum_patience: int = Field(6, ge=1)
     adversarial_weight: float = Field(10.0, ge=0)
     checkpoints: int = Field(10, ge=1, description="evenly spaced evaluations")
-    inversion_strategy: InversionStrategy = Field(
-        "auto", description="teachers one by one (loop) or vmapped; auto: vectorised on CUDA"
-    )
-    inversion_precision: InversionPrecision = Field(
-        "float32", description="bfloat16: teacher passes under autocast (for GPUs)"
-    )
 
 
 class CurriculumSwitch:
@@ -171,8 +166,8 @@ class Purer(Method):
                 f"{settings.queries} queries; set per_class >= {context.shots + settings.queries}"
             )
         teachers: list[nn.Module] | StackedTeachers = load_teachers(context)
-        if resolve_strategy(settings.inversion_strategy, device) == "vectorised":
-            teachers = StackedTeachers(teachers)
+        if settings.vectorised_on(device):
+            teachers = StackedTeachers(teachers, compile=settings.inversion_compile)
         model = self._initial_model(context).to(device, memory_format=torch.channels_last)
         pool = PseudoImagePool(
             [teacher.class_ids for teacher in context.zoo.teachers],

@@ -1,6 +1,7 @@
 """Data-recovery speed: PURER's ECI data step and one meta-iteration (13 Conv4 teachers), FREE's
 generator adaptation and one epoch without replay (4 teachers), teachers one by one (the loop,
-the reference) against vectorised over the zoo (torch.func.vmap)."""
+the reference) against vectorised over the zoo (torch.func.vmap), eager or compiled
+(`inversion_compile`: the warm-up round compiles, so the timed rounds run the compiled kernels)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dfml_bench.models import build_model
 from tests.bench.helpers import SMOKE, measure, sized
 
 STRATEGIES = ["loop", "vectorised"]
+COMPILED = "vectorised compiled"
 
 
 def _teachers(count: int, device: torch.device) -> list[nn.Module]:
@@ -39,7 +41,9 @@ def _teachers(count: int, device: torch.device) -> list[nn.Module]:
 
 def _zoo(strategy: str, count: int, device: torch.device) -> list[nn.Module] | StackedTeachers:
     teachers = _teachers(count, device)
-    return StackedTeachers(teachers) if strategy == "vectorised" else teachers
+    if strategy == "loop":
+        return teachers
+    return StackedTeachers(teachers, compile=strategy == COMPILED)
 
 
 def _pool(teachers: int, per_class: int, device: torch.device) -> PseudoImagePool:
@@ -47,8 +51,16 @@ def _pool(teachers: int, per_class: int, device: torch.device) -> PseudoImagePoo
     return PseudoImagePool(classes, per_class, 32, torch.Generator().manual_seed(0)).to(device)
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+    ("strategy", "precision"),
+    [
+        ("loop", "float32"),
+        ("vectorised", "float32"),
+        (COMPILED, "float32"),
+        ("loop", "bfloat16"),
+        ("vectorised", "bfloat16"),
+    ],
+)
 def test_eci_data_step(benchmark, device: torch.device, strategy: str, precision: str) -> None:
     """One ECI data step: DeepInversion loss of 13 teachers, each on its 5 classes x 20 images,
     backward, Adam on the pool (PURER's 5-shot setting); teacher passes in float32 or under
@@ -113,11 +125,19 @@ def _free(strategy: str, device: torch.device):
     """FREE at the paper's settings (generator width 64, 5 steps, 20 images per class) with 4
     sampled teachers, and what one epoch needs."""
     smoke = {"generator_width": 8, "per_class": 2, "generator_steps": 1} if SMOKE else {}
-    free = create_method("free", {"inversion_strategy": strategy, **smoke})
+    compiled = strategy == COMPILED
+    free = create_method(
+        "free",
+        {
+            "inversion_strategy": "vectorised" if compiled else strategy,
+            "inversion_compile": compiled,
+            **smoke,
+        },
+    )
     settings = free.settings
     count = sized(4, 2)
     teachers = _teachers(count, device)
-    stacked = StackedTeachers(teachers) if strategy == "vectorised" else None
+    stacked = StackedTeachers(teachers, compile=compiled) if strategy != "loop" else None
     student = use_batch_statistics(build_model("conv4", 5, 32)).to(device)
     meta_gen = Generator(32, settings.latent_dim, settings.generator_width).to(device)
     weights = DeepInversionWeights(
@@ -147,7 +167,7 @@ def _free(strategy: str, device: torch.device):
     return free, settings, teachers, student, synthesize
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", [*STRATEGIES, COMPILED])
 def test_free_synthesize(benchmark, device: torch.device, strategy: str) -> None:
     """FREE's data recovery per epoch: 4 teachers x 5 generator steps, 400 images."""
     *_, synthesize = _free(strategy, device)
