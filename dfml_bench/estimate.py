@@ -71,7 +71,8 @@ ASSUMPTIONS = (
     "32 px = 1): support images per inner step plus queries once per task, teacher images per "
     "data step; so image size and architecture scale by FLOPs, overheads of small batches are "
     "not modelled",
-    "each benchmark group's fastest variant (what `auto` picks) is used",
+    "each benchmark group's fastest variant among those `auto` may pick is used (variants that "
+    "need an opt-in setting, such as bfloat16 or torch.compile, are left out)",
     "PURER: iterations x (ECI data step scaled to the zoo's teacher images + the MAML part of a "
     "meta-iteration scaled to the meta-batch); the curriculum's adversarial term is not counted",
     "FREE: warm-up epochs x synthesis + other epochs x epoch without replay, both scaled to "
@@ -114,7 +115,8 @@ class Estimate:
 
 
 class BenchMedians:
-    """Median seconds per benchmark group of one pytest-benchmark JSON (fastest variant)."""
+    """Median seconds per benchmark group of one pytest-benchmark JSON: the fastest variant that
+    runs under default settings (one marked `opt_in` would not run for a config without it)."""
 
     def __init__(self, path: Path) -> None:
         if not path.is_file():
@@ -134,6 +136,8 @@ class BenchMedians:
             group, median = entry.get("group") or entry["name"], entry["stats"]["median"]
             extra = entry.get("extra_info", {})
             self.device = extra.get("device", self.device)
+            if extra.get("opt_in"):
+                continue
             if median < self.medians.get(group, float("inf")):
                 self.medians[group] = median
                 self.tasks[group] = extra.get("tasks_per_call") or 1

@@ -1,6 +1,7 @@
 """Paper-scale configs (issue 9): they validate, name only registered datasets and methods, resolve
 to the expected DAG in a dry run, and `dfml-bench estimate` adds up and scales with the budget."""
 
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 from dfml_bench.cli import main
 from dfml_bench.config import all_runs, load_workflow_config
 from dfml_bench.data import dataset_names
-from dfml_bench.estimate import estimate
+from dfml_bench.estimate import BenchMedians, estimate
 from dfml_bench.methods import method_names
 from dfml_bench.zoo.recipe import load_recipe
 
@@ -122,3 +123,22 @@ def test_estimate_errors_are_one_line(
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_estimate_leaves_out_opt_in_variants(tmp_path: Path) -> None:
+    """A bf16 or compiled variant runs only when a config asks for it, so however fast it is the
+    estimate for a default config uses the fastest variant `auto` may pick."""
+
+    def entry(variant: str, median: float, opt_in: str | None) -> dict:
+        extra = {"variant": variant, "device": "cpu (test)", "opt_in": opt_in}
+        return {"group": "PURER ECI data step", "stats": {"median": median}, "extra_info": extra}
+
+    path = tmp_path / "bench.json"
+    benchmarks = [
+        entry("loop", 0.8, None),
+        entry("vectorised", 2.0, None),
+        entry("loop bf16", 0.5, "inversion_precision: bfloat16"),
+        entry("vectorised compiled", 0.1, "inversion_compile: true"),
+    ]
+    path.write_text(json.dumps({"benchmarks": benchmarks}))
+    assert BenchMedians(path)["PURER ECI data step"] == pytest.approx(0.8)

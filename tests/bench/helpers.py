@@ -33,8 +33,12 @@ def measure(
     reference_ms: float | None = None,
     tasks_per_call: float | None = None,
     rounds: int = 5,
+    opt_in: str | None = None,
 ) -> None:
-    """Time `function` (CUDA synchronised after each call, one warm-up round) and record how."""
+    """Time `function` (CUDA synchronised after each call, one warm-up round) and record how.
+
+    `opt_in` names the non-default setting a variant needs (bf16, compile): `dfml-bench estimate`
+    leaves such variants out, as a config without that setting never runs them."""
     env = environment(device)
     benchmark.group = group
     benchmark.extra_info.update(
@@ -45,6 +49,7 @@ def measure(
         torch=env["packages"]["torch"],
         reference_ms=reference_ms,
         tasks_per_call=tasks_per_call,
+        opt_in=opt_in,
     )
 
     def call() -> None:

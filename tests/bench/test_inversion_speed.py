@@ -46,6 +46,13 @@ def _zoo(strategy: str, count: int, device: torch.device) -> list[nn.Module] | S
     return StackedTeachers(teachers, compile=strategy == COMPILED)
 
 
+def _opt_in(strategy: str, precision: str = "float32") -> str | None:
+    """The setting a variant needs beyond the defaults (None: `auto` may run it)."""
+    needs = [f"inversion_precision: {precision}"] if precision != "float32" else []
+    needs += ["inversion_compile: true"] if strategy == COMPILED else []
+    return ", ".join(needs) or None
+
+
 def _pool(teachers: int, per_class: int, device: torch.device) -> PseudoImagePool:
     classes = [list(range(5 * t, 5 * t + 5)) for t in range(teachers)]
     return PseudoImagePool(classes, per_class, 32, torch.Generator().manual_seed(0)).to(device)
@@ -86,6 +93,7 @@ def test_eci_data_step(benchmark, device: torch.device, strategy: str, precision
         reference_ms=297.0,
         tasks_per_call=count,  # one 5-way task of 20 images per class per teacher
         rounds=10,
+        opt_in=_opt_in(strategy, precision),
     )
 
 
@@ -182,6 +190,7 @@ def test_free_synthesize(benchmark, device: torch.device, strategy: str) -> None
         reference_ms=300.0,
         tasks_per_call=4,
         rounds=3 if device.type == "cpu" else 10,
+        opt_in=_opt_in(strategy),
     )
 
 
