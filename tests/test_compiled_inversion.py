@@ -1,5 +1,6 @@
 """`inversion_compile`: the torch.compile'd vectorised DeepInversion loss equals the eager one,
-for all teachers and for a gathered subset (FREE's sampled teachers), and the setting is checked.
+for all teachers and for a gathered subset (FREE's sampled teachers), on CPU and (where present)
+CUDA, and the setting is checked.
 
 Compiling on a CPU needs a C++ compiler (inductor builds its kernels with it); without one the
 compile test skips with that reason. One compile takes about 20-40 s here, so every case shares
@@ -41,11 +42,20 @@ def _teachers() -> list[nn.Module]:
     return teachers
 
 
-@pytest.fixture(scope="module")
-def zoos() -> Iterator[tuple[StackedTeachers, StackedTeachers]]:
+@pytest.fixture(
+    scope="module",
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
+        ),
+    ],
+)
+def zoos(request: pytest.FixtureRequest) -> Iterator[tuple[StackedTeachers, StackedTeachers]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    teachers = _teachers()
+    teachers = [teacher.to(request.param) for teacher in _teachers()]
     yield StackedTeachers(teachers), StackedTeachers(teachers, compile=True)
     torch.set_num_threads(threads)
 
@@ -53,12 +63,13 @@ def zoos() -> Iterator[tuple[StackedTeachers, StackedTeachers]]:
 def _loss_and_gradients(
     zoo: StackedTeachers, indices: list[int], seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    device = next(iter(zoo.groups[0].params.values())).device
     generator = torch.Generator().manual_seed(seed)
     images = [
-        torch.randn(2 * CLASSES, 3, SIZE, SIZE, generator=generator).requires_grad_()
+        torch.randn(2 * CLASSES, 3, SIZE, SIZE, generator=generator).to(device).requires_grad_()
         for _ in indices
     ]
-    targets = [torch.arange(CLASSES).repeat_interleave(2) for _ in indices]
+    targets = [torch.arange(CLASSES, device=device).repeat_interleave(2) for _ in indices]
     loss, logits = zoo.loss(images, targets, DeepInversionWeights(), 2, generator, indices)
     loss.total.backward()
     return loss.total.detach(), loss.terms, [image.grad for image in images], logits

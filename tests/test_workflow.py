@@ -101,7 +101,9 @@ def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: 
         "--configfile", str(REPO / "tests/data/tiny-workflow.yaml"),
         "--config", f"results_dir={results}", "--directory", str(tmp_path),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
 
     def done_runs() -> list[Path]:
@@ -129,7 +131,8 @@ def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: 
             continue
     process.wait(timeout=300)
     assert finished, "no run finished before the deadline"
-    assert not (results / "summary.csv").exists()  # it really stopped mid-way
+    # it really stopped mid-way
+    assert not (results / "summary.csv").exists(), log.read_text()[-3000:]
     again = subprocess.run(
         [*command, "--rerun-incomplete"], capture_output=True, text=True, timeout=900
     )
