@@ -103,7 +103,14 @@ def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: 
     ]  # fmt: skip
     log = tmp_path / "interrupted.log"
     with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        # default SIGINT handling for Snakemake even when pytest inherited SIG_IGN (a shell
+        # ignores SIGINT in the jobs it starts in the background), as a Ctrl-C at a terminal has
+        process = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     deadline = time.monotonic() + 600
 
     def done_runs() -> list[Path]:
@@ -119,9 +126,8 @@ def test_interrupted_workflow_completes_without_redoing_finished_jobs(tmp_path: 
         path: path.stat().st_mtime_ns for run in done_runs()[:-1] for path in run.glob("record-*")
     }
     # Snakemake's log handler swallows a KeyboardInterrupt that lands while it writes a line
-    # (as when a job has just finished), so a Ctrl-C may need a second press: send it again if
-    # Snakemake is still running 5 s later. Stopping takes well under that, and the three runs
-    # still to do take longer, so a swallowed signal cannot let the workflow finish meanwhile.
+    # (snakemake/logging.py), so a Ctrl-C may need a second press: send it again if Snakemake
+    # still runs 5 s later. Stopping takes well under that, and the runs still to do take longer.
     for _ in range(5):
         process.send_signal(signal.SIGINT)
         try:
