@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dfml_bench.config import RunSpec
 from dfml_bench.data import ClassSplit, FewShotDataset, register_dataset
+from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.methods import MetaModelSpec
 from dfml_bench.zoo.manifest import Zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,36 @@ def _load_toy(data_root: Path | None, image_size: int, cache_dir: Path) -> FewSh
         "test": _toy_split(6, 25, 200, image_size),
     }
     return FewShotDataset(TOY, image_size, splits, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def ss_run_spec(
+    method: str,
+    zoo_dir: str | Path,
+    run_dir: Path,
+    evaluation: EvaluationSettings,
+    *,
+    settings: dict | None = None,
+    shots: int = 1,
+    seed: int = 0,
+    meta_model: MetaModelSpec | None = None,
+) -> RunSpec:
+    """One 5-way SS run on CPU from a test zoo: tests state only what they vary."""
+    return RunSpec(
+        scenario="ss",
+        scenario_label="SS",
+        method=method,
+        method_settings=settings or {},
+        ways=5,
+        shots=shots,
+        seed=seed,
+        zoo_dir=str(zoo_dir),
+        run_dir=str(run_dir),
+        meta_model=meta_model or MetaModelSpec(),
+        evaluation=evaluation,
+        data_root=None,
+        cache_dir=None,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

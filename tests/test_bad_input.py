@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from dfml_bench.cli import main
-from dfml_bench.config import RunSpec, parse_workflow_config
+from dfml_bench.config import parse_workflow_config
 from dfml_bench.errors import CheckpointError, ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods.base import MetaModelSpec
 from dfml_bench.zoo.manifest import Zoo
 from dfml_bench.zoo.recipe import load_recipe
+from tests.conftest import ss_run_spec
 
 GOOD_SCENARIO = {"recipe": "tiny-ss", "methods": ["random"]}
 
@@ -117,23 +118,11 @@ def broken_zoo(zoo: Zoo, tmp_path: Path, **claims: object) -> Path:
 
 def run_spec_json(zoo_dir: Path, run_dir: Path, architecture: str) -> str:
     """Average over the zoo: it loads every teacher into a meta-model of `architecture`."""
-    spec = RunSpec(
-        scenario="ss",
-        scenario_label="SS",
-        method="average",
-        method_settings={},
-        ways=5,
-        shots=1,
-        seed=0,
-        zoo_dir=str(zoo_dir),
-        run_dir=str(run_dir),
-        meta_model=MetaModelSpec(architecture=architecture),
-        evaluation=EvaluationSettings(episodes=2, val_episodes=2, queries=2, inner_steps=0),
-        data_root=None,
-        cache_dir=None,
-        device="cpu",
-    )
-    return spec.model_dump_json()
+    evaluation = EvaluationSettings(episodes=2, val_episodes=2, queries=2, inner_steps=0)
+    meta_model = MetaModelSpec(architecture=architecture)
+    return ss_run_spec(
+        "average", zoo_dir, run_dir, evaluation, meta_model=meta_model
+    ).model_dump_json()
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY
+from tests.conftest import TOY, ss_run_spec
 from tests.test_loaders import WNIDS, _save_jpeg, _write_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,38 +251,37 @@ FREE = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    """One Conv4 teacher at 16 px on the toy dataset, one epoch: well under a second."""
-    recipe = ZooRecipe(
-        name="faults",
+def _tiny_recipe(name: str, epochs: int, **extra: Any) -> ZooRecipe:
+    """One 5-class Conv4 teacher at 16 px on the toy dataset, at most 10 images per class."""
+    return ZooRecipe(
+        name=name,
         datasets=[TOY],
         image_size=TINY,
         architectures=["conv4"],
         teachers_per_dataset=1,
         classes_per_teacher=5,
-        epochs=1,
+        epochs=epochs,
         max_images_per_class=10,
+        **extra,
     )
-    return train_zoo(recipe, tmp_path_factory.mktemp("faults-zoo"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    """One Conv4 teacher at 16 px on the toy dataset, one epoch: well under a second."""
+    directory = tmp_path_factory.mktemp("faults-zoo")
+    return train_zoo(_tiny_recipe("faults", 1), directory, progress=False)
 
 
 def _spec(method: str, zoo: Zoo, run_dir: Path, settings: dict[str, Any]) -> RunSpec:
-    return RunSpec(
-        scenario="ss",
-        scenario_label="SS",
-        method=method,
-        method_settings=settings,
-        ways=5,
-        shots=1,
-        seed=0,
-        zoo_dir=str(zoo.directory),
-        run_dir=str(run_dir),
+    evaluation = EvaluationSettings(episodes=2, val_episodes=2, queries=1, inner_steps=1)
+    return ss_run_spec(
+        method,
+        zoo.directory,
+        run_dir,
+        evaluation,
+        settings=settings,
         meta_model=MetaModelSpec(image_size=TINY),
-        evaluation=EvaluationSettings(episodes=2, val_episodes=2, queries=1, inner_steps=1),
-        data_root=None,
-        cache_dir=None,
-        device="cpu",
     )
 
 
@@ -414,17 +413,7 @@ def test_runner_never_records_a_model_with_non_finite_weights(
 
 
 def test_teacher_training_stops_when_its_weights_diverge(tmp_path: Path) -> None:
-    recipe = ZooRecipe(
-        name="diverges",
-        datasets=[TOY],
-        image_size=TINY,
-        architectures=["conv4"],
-        teachers_per_dataset=1,
-        classes_per_teacher=5,
-        epochs=2,
-        max_images_per_class=10,
-        optimizers={"conv4": {"name": "adam", "lr": 1e30}},
-    )
+    recipe = _tiny_recipe("diverges", 2, optimizers={"conv4": {"name": "adam", "lr": 1e30}})
     with pytest.raises(DfmlError, match=r"teacher 0 has non-finite weights after epoch \d"):
         train_zoo(recipe, tmp_path / "zoo", progress=False)
     assert not list((tmp_path / "zoo").glob("teacher-000.*"))

@@ -9,7 +9,7 @@ from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.inversion.pool import PseudoImagePool
-from dfml_bench.methods import MetaModelSpec, create_method, method_names
+from dfml_bench.methods import create_method, method_names
 from dfml_bench.methods.purer import (
     Adversary,
     CurriculumSwitch,
@@ -19,6 +19,7 @@ from dfml_bench.methods.purer import (
 from dfml_bench.models import build_model
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
+from tests.conftest import ss_run_spec
 
 
 def _teachers(zoo: Zoo) -> list[torch.nn.Module]:
@@ -116,22 +117,8 @@ def test_variants_are_registered_with_their_components() -> None:
 
 
 def _spec(method: str, zoo_dir: str, run_dir: Path, settings: dict, shots: int) -> RunSpec:
-    return RunSpec(
-        scenario="ss",
-        scenario_label="SS",
-        method=method,
-        method_settings=settings,
-        ways=5,
-        shots=shots,
-        seed=0,
-        zoo_dir=zoo_dir,
-        run_dir=str(run_dir),
-        meta_model=MetaModelSpec(),
-        evaluation=EvaluationSettings(episodes=100, val_episodes=20, inner_steps=1),
-        data_root=None,
-        cache_dir=None,
-        device="cpu",
-    )
+    evaluation = EvaluationSettings(episodes=100, val_episodes=20, inner_steps=1)
+    return ss_run_spec(method, zoo_dir, run_dir, evaluation, settings=settings, shots=shots)
 
 
 def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ import pytest
 from dfml_bench.cli import main
 from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
-from dfml_bench.methods import MetaModelSpec
 from dfml_bench.models.storage import file_sha256
 from dfml_bench.resume import Checkpointer, ResumeWarning
 from dfml_bench.runner import execute_run, record_path
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
+from tests.conftest import ss_run_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EVERY_ITERATION = 0.0  # save after every iteration: any of them can be the last before a kill
@@ -62,22 +62,8 @@ class Killed(Exception):
 
 
 def spec_for(method: str, zoo_dir: str, run_dir: Path, **settings: Any) -> RunSpec:
-    return RunSpec(
-        scenario="ss",
-        scenario_label="SS",
-        method=method,
-        method_settings=SETTINGS[method] | settings,
-        ways=5,
-        shots=1,
-        seed=0,
-        zoo_dir=zoo_dir,
-        run_dir=str(run_dir),
-        meta_model=MetaModelSpec(),
-        evaluation=EvaluationSettings(episodes=20, val_episodes=10, queries=5, inner_steps=2),
-        data_root=None,
-        cache_dir=None,
-        device="cpu",
-    )
+    evaluation = EvaluationSettings(episodes=20, val_episodes=10, queries=5, inner_steps=2)
+    return ss_run_spec(method, zoo_dir, run_dir, evaluation, settings=SETTINGS[method] | settings)
 
 
 def comparable(run_dir: Path) -> dict[str, Any]:

@@ -6,13 +6,12 @@ import pytest
 from dfml_bench.cli import main
 from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
-from dfml_bench.methods import MetaModelSpec
 from dfml_bench.reporting.collect import collect
 from dfml_bench.reporting.tables import write_tables
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY
+from tests.conftest import TOY, ss_run_spec
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +32,8 @@ def toy_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def spec_for(method: str, zoo_dir: Path, run_dir: Path, shots: int = 1, seed: int = 0) -> RunSpec:
-    return RunSpec(
-        scenario="ss",
-        scenario_label="SS",
-        method=method,
-        method_settings={},
-        ways=5,
-        shots=shots,
-        seed=seed,
-        zoo_dir=str(zoo_dir),
-        run_dir=str(run_dir),
-        meta_model=MetaModelSpec(),
-        evaluation=EvaluationSettings(episodes=30, val_episodes=20, queries=5),
-        data_root=None,
-        cache_dir=None,
-        device="cpu",
-    )
+    evaluation = EvaluationSettings(episodes=30, val_episodes=20, queries=5)
+    return ss_run_spec(method, zoo_dir, run_dir, evaluation, shots=shots, seed=seed)
 
 
 def test_run_writes_both_protocol_records(toy_zoo_dir: Path, tmp_path: Path) -> None:
