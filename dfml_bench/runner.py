@@ -23,6 +23,7 @@ from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
 from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, create_method
 from dfml_bench.models import build_model
+from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.models.storage import load_into, save_state
 from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import Zoo
@@ -159,7 +160,7 @@ def execute_run(
 def _check_finite(checkpoint: Checkpoint, method: str) -> None:
     """A model with NaN or infinite weights still predicts some class, so its accuracy would
     look like a number; stop instead of recording it."""
-    bad = [n for n, p in checkpoint.model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite_parameters(checkpoint.model)
     if bad:
         raise DfmlError(
             f"{method}: the meta-model at iteration {checkpoint.iteration} has non-finite "

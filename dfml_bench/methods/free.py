@@ -50,6 +50,7 @@ from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, regist
 from dfml_bench.methods.maml import Params, maml_outer_loss
 from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
 from dfml_bench.models import build_model
+from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.resume import load_snapshot, snapshot
 
 
@@ -220,7 +221,7 @@ class Free(Method):
 
             if epoch > settings.warmup_epochs:
                 self._learn_from_teachers(model, teachers, recovered, settings)
-                if not all(bool(p.isfinite().all()) for p in model.parameters()):
+                if non_finite_parameters(model):
                     raise DfmlError(
                         f"{self.name}: non-finite meta-learner after distillation at epoch "
                         f"{epoch}; lower kd_lr"

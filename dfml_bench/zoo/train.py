@@ -18,6 +18,7 @@ from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.environment import environment
 from dfml_bench.errors import ConfigError, DfmlError
 from dfml_bench.models import build_model
+from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.models.storage import file_sha256, save_state
 from dfml_bench.resume import Checkpointer, load_snapshot, snapshot
 from dfml_bench.zoo.manifest import TeacherRecord, Zoo, ZooManifest
@@ -251,7 +252,7 @@ def _train_teacher(
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
         scheduler.step()
-        if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        if non_finite_parameters(model):
             raise DfmlError(
                 f"recipe {recipe.name}: teacher {plan.index} has non-finite weights after epoch "
                 f"{epoch}; lower its learning rate (optimizers in the recipe)"
