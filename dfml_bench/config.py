@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,13 +49,38 @@ class ScenarioConfig(BaseModel):
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, names: list[str]) -> list[str]:
+    def _known_methods(cls, names: list[str], info: ValidationInfo) -> list[str]:
         from dfml_bench.methods import method_names
 
-        unknown = sorted(set(names) - set(method_names()))
+        variants = (info.context or {}).get("variants", set())
+        unknown = sorted(set(names) - set(method_names()) - variants)
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; registered: {method_names()}")
+            raise ValueError(
+                f"unknown methods {unknown}; registered: {method_names()}"
+                + (f"; variants: {sorted(variants)}" if variants else "")
+            )
         return names
+
+
+class VariantConfig(BaseModel):
+    """A named ablation: a registered method with some settings changed, run and tabled as a
+    row of its own (e.g. `average-mean: {method: average, settings: {accumulation: mean}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    label: str | None = None  # table row name; default: the method's, with the changed settings
+    settings: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] = Field(default_factory=dict)
+    meta_model: dict[str, Any] = Field(default_factory=dict)
+
+    def display(self) -> str:
+        from dfml_bench.reporting.naming import method_display
+
+        if self.label:
+            return self.label
+        changed = {**self.settings, **self.evaluation, **self.meta_model}
+        details = ", ".join(f"{key}={value}" for key, value in changed.items())
+        return f"{method_display(self.method)} ({details})" if details else self.method
 
 
 class WorkflowConfig(BaseModel):
@@ -74,6 +100,10 @@ class WorkflowConfig(BaseModel):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     scenarios: dict[str, ScenarioConfig] = Field(min_length=1)
     method_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # per-method overrides of the evaluation settings, e.g. {free: {inner_steps: 1}}; without
+    # one, a method is fine-tuned at meta-test as its paper does (Method.test_adaptation)
+    method_evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    variants: dict[str, VariantConfig] = Field(default_factory=dict)
 
     @field_validator("scenarios")
     @classmethod
@@ -100,20 +130,47 @@ class WorkflowConfig(BaseModel):
     @model_validator(mode="after")
     def _evaluation_ways_match(self) -> WorkflowConfig:
         self.evaluation.ways = self.ways
-        for name in self.scenarios:
-            self.scenario_evaluation(name)  # reject bad overrides at load time
+        from dfml_bench.methods import method_names
+
+        registered = set(method_names())
+        unknown = sorted(set(self.method_evaluation) - registered)
+        if unknown:
+            raise ValueError(f"method_evaluation: unknown methods {unknown}")
+        for name, variant in self.variants.items():
+            if name in registered or not SAFE_NAME.match(name):
+                raise ValueError(
+                    f"variant {name!r} must be a plain name (it names folders) that is not a "
+                    "registered method"
+                )
+            if variant.method not in registered:
+                raise ValueError(
+                    f"variant {name!r}: unknown method {variant.method!r}; registered: "
+                    f"{sorted(registered)}"
+                )
+        for name, entry in self.scenarios.items():
+            for method in entry.methods:  # reject bad overrides at load time
+                self.scenario_evaluation(name, method)
         return self
 
-    def scenario_evaluation(self, scenario: str) -> EvaluationSettings:
-        """The global evaluation settings with the scenario's overrides applied."""
+    def base_method(self, name: str) -> str:
+        """The registered method behind a method or variant name."""
+        return self.variants[name].method if name in self.variants else name
+
+    def scenario_evaluation(self, scenario: str, method: str | None = None) -> EvaluationSettings:
+        """The global evaluation settings with the scenario's, then the method's overrides."""
         overrides = self.scenarios[scenario].evaluation
+        if method is not None:
+            overrides = overrides | self.method_evaluation.get(self.base_method(method), {})
+            if method in self.variants:
+                overrides = overrides | self.variants[method].evaluation
         if not overrides:
             return self.evaluation
         merged = self.evaluation.model_dump() | overrides
         try:
             return EvaluationSettings.model_validate(merged)
         except ValidationError as error:
-            raise ValueError(f"scenarios.{scenario}.evaluation: {describe(error)}") from None
+            where = f"scenarios.{scenario}.evaluation / method_evaluation.{method}"
+            raise ValueError(f"{where}: {describe(error)}") from None
 
 
 class RunSpec(BaseModel):
@@ -123,6 +180,8 @@ class RunSpec(BaseModel):
     scenario: str
     scenario_label: Literal["SS", "SH", "MH"]
     method: str
+    variant: str | None = None  # the config's variant name (its own table row), if any
+    variant_label: str | None = None
     method_settings: dict[str, Any]
     ways: int
     shots: int
@@ -148,7 +207,10 @@ def load_workflow_config(path: Path | str) -> WorkflowConfig:
 
 
 def parse_workflow_config(raw: object, what: str = "config") -> WorkflowConfig:
-    return validate_model(WorkflowConfig, raw, what)
+    # scenarios may name the config's variants: their validators read the names from the context
+    variants = raw.get("variants") if isinstance(raw, dict) else None
+    names = set(variants) if isinstance(variants, dict) else set()
+    return validate_model(WorkflowConfig, raw, what, context={"variants": names})
 
 
 def zoo_dir(config: WorkflowConfig, recipe: str) -> str:
@@ -167,18 +229,28 @@ def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, see
     entry = config.scenarios[scenario]
     if method not in entry.methods:
         raise ConfigError(f"method {method!r} is not configured for scenario {scenario!r}")
+    variant = config.variants.get(method)
+    base = config.base_method(method)
+    settings = config.method_settings.get(base, {}) | (variant.settings if variant else {})
+    meta_model = entry.meta_model or config.meta_model
+    if variant is not None and variant.meta_model:
+        meta_model = validate_model(
+            MetaModelSpec, meta_model.model_dump() | variant.meta_model, f"variant {method!r}"
+        )
     return RunSpec(
         scenario=scenario,
         scenario_label=entry.label,
-        method=method,
-        method_settings=config.method_settings.get(method, {}),
+        method=base,
+        variant=method if variant else None,
+        variant_label=variant.display() if variant else None,
+        method_settings=settings,
         ways=config.ways,
         shots=shots,
         seed=seed,
         zoo_dir=zoo_dir(config, entry.recipe),
         run_dir=run_dir(config, scenario, method, shots, seed),
-        meta_model=entry.meta_model or config.meta_model,
-        evaluation=config.scenario_evaluation(scenario),
+        meta_model=meta_model,
+        evaluation=config.scenario_evaluation(scenario, method),
         data_root=config.data_root,
         cache_dir=config.cache_dir,
         device=config.device,

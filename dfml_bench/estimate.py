@@ -15,8 +15,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
-from dfml_bench.config import WorkflowConfig, all_runs, load_workflow_config
+from dfml_bench.config import WorkflowConfig, all_runs, load_workflow_config, run_spec
 from dfml_bench.errors import DfmlError
+from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.zoo.recipe import ZooRecipe, load_recipe
 
 DEFAULT_BENCH = Path("results/reference/bench/bench-cpu.json")
@@ -84,7 +85,9 @@ ASSUMPTIONS = (
     "evaluation: checkpoints x datasets x (test episodes, with ICFIL's inversion and "
     "calibration images for PURER) + meta-val episodes when there are several checkpoints",
     f"zoo: image-epochs x seconds per image-epoch measured on {ZOO_REFERENCE_DEVICE} "
-    "(results/reference/benchmarks/zoo), scaled by the FLOPs of the recipe's image size",
+    "(results/reference/benchmarks/zoo, CloserLook ResNet stems), scaled by the FLOPs of the "
+    "recipe's image size and architecture (the authors' ResNet stem: ~15x the FLOPs, so an "
+    "overestimate: a ResNet-18 teacher took 7-11x as long on a 2-core CPU)",
     "job start-up, data decoding and Snakemake overhead are not counted; jobs run one at a time",
 )
 
@@ -198,9 +201,15 @@ def zoo_seconds(recipe: ZooRecipe) -> float:
     for dataset, architecture, classes in teacher_shapes(recipe):
         images = classes * min(IMAGES_PER_CLASS[dataset], recipe.max_images_per_class or 10**9)
         family = "resnet" if architecture.startswith("resnet") else "conv4"
-        scale = flops(architecture, recipe.image_size) / flops(architecture, 32)
+        scale = flops(architecture, recipe.image_size) / flops(_timed_counterpart(architecture), 32)
         total += images * recipe.epochs * ZOO_S_PER_IMAGE_EPOCH[family] * scale
     return total
+
+
+def _timed_counterpart(architecture: str) -> str:
+    """The architecture whose pre-training `ZOO_S_PER_IMAGE_EPOCH` timed: the authors' ResNet stem
+    keeps stage 1 at full resolution (~15x the FLOPs), so it scales from the CloserLook one."""
+    return architecture.removesuffix("-authors")
 
 
 def _task_images(ways: int, shots: int, queries: int, inner_steps: int) -> int:
@@ -232,10 +241,13 @@ class _RunCosts:
 
         entry = self.config.scenarios[scenario]
         recipe = self.recipes[entry.recipe]
-        meta = entry.meta_model or self.config.meta_model
+        spec = run_spec(self.config, scenario, method, shots, 0)
+        meta = spec.meta_model
         meta_flops = flops(meta.architecture, meta.image_size)
         teachers = teacher_shapes(recipe)
-        settings = create_method(method, self.config.method_settings.get(method, {})).settings
+        settings = create_method(spec.method, spec.method_settings).settings
+        evaluation = spec.evaluation
+        method = spec.method  # a variant costs what its method costs
         if method in ("average", "ota", "dro") and _heterogeneous(teachers, meta.architecture):
             return 0.0, 0.0  # not applicable: a record with the reason, no training
         ways = self.config.ways
@@ -267,15 +279,25 @@ class _RunCosts:
         elif method == "oracle":
             task = _task_images(ways, shots, settings.queries, settings.inner_steps)
             train = settings.iterations * self.maml_image * settings.meta_batch * task * meta_flops
-        return train, self._evaluation(scenario, method, shots, settings, meta_flops)
+        return train, self._evaluation(scenario, method, shots, settings, evaluation, meta_flops)
 
     def _evaluation(
-        self, scenario: str, method: str, shots: int, settings: Any, meta_flops: float
+        self,
+        scenario: str,
+        method: str,
+        shots: int,
+        settings: Any,
+        evaluation: EvaluationSettings,
+        meta_flops: float,
     ) -> float:
-        evaluation = self.config.scenario_evaluation(scenario)
+        from dfml_bench.methods import checkpoint_iterations, method_class
+
+        adaptation = method_class(method).test_adaptation
+        evaluation = evaluation.with_adaptation(adaptation.steps, adaptation.lr)
         datasets = len(self.recipes[self.config.scenarios[scenario].recipe].datasets)
         iterations = getattr(settings, "iterations", None) or getattr(settings, "epochs", 1)
-        checkpoints = min(getattr(settings, "checkpoints", 1), iterations)
+        interval = getattr(settings, "eval_interval", None)
+        checkpoints = len(checkpoint_iterations(iterations, interval))
         ways, inner = evaluation.ways, evaluation.inner_steps
         task = _task_images(ways, shots, evaluation.queries, inner)
         test_task = task
@@ -285,8 +307,8 @@ class _RunCosts:
             test_task += icfil.inversion_steps * pseudo
             test_task += icfil.calibration_steps * (ways * shots + pseudo)
         images = evaluation.episodes * test_task
-        if checkpoints > 1:
-            images += evaluation.val_episodes * task
+        if checkpoints > 1:  # meta-val per checkpoint, and the clean protocol's test pass
+            images += evaluation.val_episodes * task + evaluation.episodes * test_task / checkpoints
         return checkpoints * datasets * images * self.test_image * meta_flops
 
 

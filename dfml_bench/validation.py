@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -11,11 +11,13 @@ from dfml_bench.errors import ConfigError
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def validate_model(model: type[ModelT], raw: object, what: str) -> ModelT:
+def validate_model(
+    model: type[ModelT], raw: object, what: str, context: dict[str, Any] | None = None
+) -> ModelT:
     if not isinstance(raw, dict):
         raise ConfigError(f"{what} must be a mapping of settings, got {type(raw).__name__}")
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context=context)
     except ValidationError as error:
         raise ConfigError(f"{what} is invalid: {describe(error)}") from None
 

@@ -71,7 +71,7 @@ def _tasks(count: int, shots: int, queries: int = 3, seed: int = 0) -> list[Task
 
 def _settings(**update: object) -> EvaluationSettings:
     return EvaluationSettings(
-        ways=WAYS, episodes=5, queries=3, inner_steps=2, icfil=ICFIL
+        ways=WAYS, episodes=5, queries=3, inner_steps=2, inner_lr=0.01, icfil=ICFIL
     ).model_copy(update=update)
 
 

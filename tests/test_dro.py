@@ -13,7 +13,7 @@ def test_robust_embedding_never_lowers_the_penalised_objective() -> None:
 
     torch.manual_seed(0)
     model = use_batch_statistics(build_model("conv4", 5, 32))
-    fusion = FusionNetwork(model, 3, 4)
+    fusion = FusionNetwork(model, 3, 4, relative=False)
     with torch.no_grad():
         fusion.projection.normal_(0, 1e-3)
     images = torch.randn(10, 3, 32, 32)
@@ -41,3 +41,25 @@ def test_dro_training_reduces_its_objective(toy_zoo: Zoo) -> None:
     assert method.timings.recovery_seconds > 0
     out = checkpoint.model(torch.randn(4, 3, 32, 32))
     assert out.shape == (4, 5) and torch.isfinite(out).all()
+
+
+def test_relative_update_moves_each_layer_by_a_fraction_of_its_scale(toy_zoo: Zoo) -> None:
+    """Ten Adam steps at lr 1e-3: the relative (default) update keeps every conv layer within a
+    few percent of the Average it starts from; the absolute one moves small-norm layers far."""
+    from dfml_bench.methods.average import average_of_zoo
+
+    context = MetaTrainContext(toy_zoo, MetaModelSpec(), 5, 1, 0, torch.device("cpu"), False)
+    start = average_of_zoo(toy_zoo, MetaModelSpec(), 5).state_dict()
+    moved = {}
+    for update in ("relative", "absolute"):
+        settings = {"iterations": 10, "inversion_steps": 2, "images_per_class": 2}
+        method = create_method("dro", settings | {"update": update, "head": "keep"})
+        (checkpoint,) = list(method.meta_train(context))
+        state = checkpoint.model.state_dict()
+        moved[update] = max(
+            float((state[name] - start[name]).norm() / start[name].norm())
+            for name in start
+            if name.endswith("0.weight") and name.startswith("features.")
+        )
+    assert moved["relative"] < 0.05
+    assert moved["absolute"] > 2 * moved["relative"]

@@ -226,7 +226,7 @@ def test_the_os_refusing_a_write_keeps_the_old_files(tmp_path: Path) -> None:
 TINY = 16
 PURER = {
     "iterations": 4,
-    "checkpoints": 2,  # iteration 2 is evaluated before the fault at 3: still no record
+    "eval_interval": 2,  # iteration 2 is evaluated before the fault at 3: still no record
     "per_class": 2,
     "queries": 1,
     "meta_batch": 1,
@@ -235,7 +235,7 @@ PURER = {
 FREE = {
     "epochs": 2,
     "warmup_epochs": 0,
-    "checkpoints": 1,
+    "eval_interval": None,
     "teachers_per_epoch": 1,
     "per_class": 2,
     "queries": 1,
@@ -368,7 +368,13 @@ def test_free_stops_on_a_non_finite_loss_and_records_nothing(
 def test_oracle_stops_at_a_non_finite_meta_loss_and_records_nothing(
     tiny_zoo: Zoo, tmp_path: Path
 ) -> None:
-    settings = {"iterations": 4, "checkpoints": 2, "meta_batch": 1, "queries": 1, "outer_lr": 1e30}
+    settings = {
+        "iterations": 4,
+        "eval_interval": 2,
+        "meta_batch": 1,
+        "queries": 1,
+        "outer_lr": 1e30,
+    }
     message = _run_fails(_spec("oracle", tiny_zoo, tmp_path / "run", settings))
     assert message == "oracle: non-finite meta-loss at meta-iteration 2; lower outer_lr"
 
@@ -376,7 +382,7 @@ def test_oracle_stops_at_a_non_finite_meta_loss_and_records_nothing(
 def test_dro_stops_at_a_non_finite_objective_and_records_nothing(
     tiny_zoo: Zoo, tmp_path: Path
 ) -> None:
-    settings = {"iterations": 4, "checkpoints": 2, "inversion_steps": 1, "lr": 1e30}
+    settings = {"iterations": 4, "eval_interval": 2, "inversion_steps": 1, "lr": 1e30}
     message = _run_fails(_spec("dro", tiny_zoo, tmp_path / "run", settings))
     assert re.fullmatch(
         r"dro: non-finite objective at iteration \d; lower lr or ascent_lr", message
@@ -387,7 +393,7 @@ def test_dro_stops_when_inversion_diverges(
     tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _teachers_turn_nan(monkeypatch, from_call=1)
-    settings = {"iterations": 2, "checkpoints": 1, "inversion_steps": 1}
+    settings = {"iterations": 2, "eval_interval": None, "inversion_steps": 1}
     message = _run_fails(_spec("dro", tiny_zoo, tmp_path / "run", settings))
     assert message == "dro: inversion produced non-finite images; lower inversion_lr"
 

@@ -78,7 +78,7 @@ def test_memory_holds_images_of_every_sampled_teacher_and_grid_is_written(
         "per_class": 16,
         "generator_steps": 2,
         "max_replay_batches": 2,
-        "checkpoints": 1,
+        "eval_interval": None,
     }
     method = create_method("free", settings)
     checkpoints = list(method.meta_train(_context(toy_zoo, tmp_path)))
@@ -99,7 +99,7 @@ def test_meta_generator_makes_fresh_images_the_teachers_recognise(toy_zoo: Zoo) 
         "epochs": 8,
         "warmup_epochs": 8,
         "per_class": 8,
-        "checkpoints": 1,
+        "eval_interval": None,
         "meta_generator_lr": 0.01,
         "generator_width": 16,
     }
@@ -130,7 +130,7 @@ def test_short_free_run_beats_random_on_the_same_episodes(
     settings = {
         "epochs": 6,
         "warmup_epochs": 1,
-        "checkpoints": 1,
+        "eval_interval": None,
         "max_replay_batches": 5,
         "generator_width": 16,
     }

@@ -153,7 +153,7 @@ def test_contrastive_loss_matches_a_hand_computed_example() -> None:
 def test_evaluate_with_and_without_icfil() -> None:
     dataset = load_dataset(TOY)
     model = _meta_model()
-    settings = EvaluationSettings(ways=WAYS, episodes=3, queries=3, inner_steps=2)
+    settings = EvaluationSettings(ways=WAYS, episodes=3, queries=3, inner_steps=2, inner_lr=0.01)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     on = evaluate(model, dataset, "test", 1, settings, 0, torch.device("cpu"), False, icfil=True)
     assert on.episodes == 3

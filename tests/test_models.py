@@ -6,7 +6,7 @@ from dfml_bench.errors import DfmlError
 from dfml_bench.models import architecture_names, build_model
 
 
-@pytest.mark.parametrize("architecture", ["conv4", "conv4-gap", "resnet10", "resnet18"])
+@pytest.mark.parametrize("architecture", architecture_names())
 @pytest.mark.parametrize("image_size", [32, 84])
 def test_forward_shapes(architecture: str, image_size: int) -> None:
     model = build_model(architecture, num_classes=5, image_size=image_size).eval()

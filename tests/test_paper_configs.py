@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from dfml_bench.cli import main
-from dfml_bench.config import all_runs, load_workflow_config
+from dfml_bench.config import all_runs, load_workflow_config, run_spec
 from dfml_bench.data import dataset_names
 from dfml_bench.estimate import BenchMedians, estimate
-from dfml_bench.methods import method_names
+from dfml_bench.methods import create_method, method_class, method_names
 from dfml_bench.zoo.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,14 @@ def test_config_validates_and_names_what_exists(name: str) -> None:
     free = config.method_settings.get("free")
     if free:
         assert (free["epochs"], free["teachers_per_epoch"], free["generator_steps"]) == (1000, 4, 5)
-        assert config.evaluation.inner_steps == 10
+        # FREE is scored with its own 10 steps, and Random like it
+        scenario = next(iter(config.scenarios))
+        for method in ("free", "random"):
+            evaluation = run_spec(config, scenario, method, 1, 0).evaluation
+            adaptation = method_class(method).test_adaptation
+            assert evaluation.with_adaptation(adaptation.steps, adaptation.lr).inner_steps == 10
+    if purer:  # PURER's cadence: --val_interval 2000 tasks = 500 meta-iterations
+        assert create_method("purer", purer).settings.eval_interval == 500
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -82,7 +89,8 @@ def test_dry_run_resolves_dag(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["paper-ss", "paper-free"])
 def test_estimate_adds_up_and_scales_with_the_budget(name: str, tmp_path: Path) -> None:
     """Doubling every training budget (DRO's one-off inversion too) doubles each run's
-    training estimate; zoos and evaluation stay as they are."""
+    training estimate; zoos stay as they are, and evaluation grows only with the number of
+    periodic evaluations (a fixed `eval_interval` over a longer run)."""
     raw = yaml.safe_load((REPO / f"config/{name}.yaml").read_text())
     base = estimate(f"config/{name}.yaml")
     assert base.total_s == pytest.approx(sum(job.seconds for job in base.jobs))
@@ -98,9 +106,10 @@ def test_estimate_adds_up_and_scales_with_the_budget(name: str, tmp_path: Path) 
         assert after.train_s == pytest.approx(
             2 * before.train_s if before.rule == "run_method" else before.train_s
         )
+        assert after.evaluation_s >= before.evaluation_s
     trained = sum(job.train_s for job in base.jobs if job.rule == "run_method")
     assert trained > 0
-    assert doubled.total_s == pytest.approx(base.total_s + trained)
+    assert doubled.total_s == pytest.approx(sum(job.seconds for job in doubled.jobs))
 
 
 def test_estimate_cli_prints_jobs_and_total(capsys: pytest.CaptureFixture[str]) -> None:

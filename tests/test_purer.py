@@ -9,13 +9,8 @@ from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.inversion.pool import PseudoImagePool
-from dfml_bench.methods import create_method, method_names
-from dfml_bench.methods.purer import (
-    Adversary,
-    CurriculumSwitch,
-    checkpoint_iterations,
-    eci_data_step,
-)
+from dfml_bench.methods import checkpoint_iterations, create_method, method_names
+from dfml_bench.methods.purer import Adversary, CurriculumSwitch, eci_data_step
 from dfml_bench.models import build_model
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
@@ -101,9 +96,12 @@ def test_curriculum_fires_on_a_plateau_and_not_before_the_start() -> None:
     assert not any(rising.update(i, float(i)) for i in range(1, 30))
 
 
-def test_checkpoints_are_evenly_spaced_and_end_at_the_last_iteration() -> None:
-    assert checkpoint_iterations(100, 4) == {25, 50, 75, 100}
-    assert checkpoint_iterations(3, 10) == {1, 2, 3}
+def test_evaluations_follow_the_interval_and_end_at_the_last_iteration() -> None:
+    assert checkpoint_iterations(100, 25) == {25, 50, 75, 100}
+    assert checkpoint_iterations(10, 4) == {4, 8, 10}  # the final model is always evaluated
+    assert checkpoint_iterations(3, 10) == {3}
+    assert checkpoint_iterations(3, None) == {3}
+    assert checkpoint_iterations(60_000, 500) == set(range(500, 60_001, 500))  # PURER: 120
 
 
 def test_variants_are_registered_with_their_components() -> None:
@@ -124,7 +122,12 @@ def _spec(method: str, zoo_dir: str, run_dir: Path, settings: dict, shots: int) 
 def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Path) -> None:
     import json
 
-    settings = {"iterations": 4, "checkpoints": 2, "curriculum_start": 0, "curriculum_patience": 1}
+    settings = {
+        "iterations": 4,
+        "eval_interval": 2,
+        "curriculum_start": 0,
+        "curriculum_patience": 1,
+    }
     spec = _spec("purer-no-icfil", str(toy_zoo.directory), tmp_path / "run", settings, 1)
     paper, clean = (json.loads(p.read_text()) for p in execute_run(spec, progress=False))
     assert paper["recovery_s"] > 0 and paper["recovery_s"] < paper["meta_train_s"]
@@ -139,7 +142,7 @@ def test_short_purer_run_beats_random_on_the_same_episodes(
     """Paired over the same 100 test episodes of the embedded dataset, 5-way 5-shot."""
     import json
 
-    settings = {"iterations": 15, "checkpoints": 1, "curriculum_start": 2}
+    settings = {"iterations": 15, "eval_interval": None, "curriculum_start": 2}
     accuracies = {}
     for method, method_settings in (("random", {}), ("purer-no-icfil", settings)):
         spec = _spec(method, glyph_zoo_dir, tmp_path / method, method_settings, 5)
@@ -153,7 +156,7 @@ def test_full_purer_is_evaluated_with_icfil_at_the_selected_checkpoint(
 ) -> None:
     import json
 
-    settings = {"iterations": 2, "checkpoints": 2, "per_class": 16}
+    settings = {"iterations": 2, "eval_interval": 1, "per_class": 16}
     spec = _spec("purer", str(toy_zoo.directory), tmp_path / "run", settings, 1)
     for path in execute_run(spec, progress=False):
         record = json.loads(path.read_text())

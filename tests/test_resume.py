@@ -31,7 +31,7 @@ TIMINGS = {"created", "environment", "meta_train_s", "recovery_s", "eval_s", "ic
 SETTINGS: dict[str, dict[str, Any]] = {
     "purer": {
         "iterations": 8,
-        "checkpoints": 3,
+        "eval_interval": 3,
         "per_class": 6,
         "queries": 3,
         "meta_batch": 2,
@@ -40,7 +40,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "free": {
         "epochs": 6,
-        "checkpoints": 3,
+        "eval_interval": 2,
         "warmup_epochs": 1,
         "per_class": 6,
         "queries": 3,
@@ -52,8 +52,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "replay_patience": 2,
         "inner_steps": 1,
     },
-    "oracle": {"iterations": 6, "checkpoints": 3, "meta_batch": 2, "queries": 3},
-    "dro": {"iterations": 6, "checkpoints": 3, "inversion_steps": 3},
+    "oracle": {"iterations": 6, "eval_interval": 2, "meta_batch": 2, "queries": 3},
+    "dro": {"iterations": 6, "eval_interval": 2, "inversion_steps": 3},
 }
 
 

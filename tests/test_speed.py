@@ -36,3 +36,11 @@ def test_speedup_is_purers_seconds_per_task_over_the_methods() -> None:
 def test_speed_markdown_names_the_device_and_torch() -> None:
     text = speed_markdown(_frame())
     assert "cpu (test)" in text and "torch 2.x" in text and "20.000" in text
+
+
+def test_several_seeds_compare_against_purers_mean_over_seeds() -> None:
+    frame = pd.concat([_frame().assign(seed=0), _frame().assign(seed=1)], ignore_index=True)
+    seed1 = (frame["seed"] == 1) & (frame["method"] == "purer")
+    frame.loc[seed1, "recovery_s_per_task"] = 4.0  # PURER: 2 s and 4 s, mean 3 s
+    table = speed_table(frame).set_index("method")
+    assert table.loc["free", "speedup_vs_purer"] == 30.0

@@ -247,7 +247,12 @@ def _context(zoo: Zoo) -> MetaTrainContext:
 def test_purer_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> None:
     """The setting reaches the data step: two meta-iterations (the second adversarial) move the
     meta-model the same way."""
-    settings = {"iterations": 2, "checkpoints": 1, "curriculum_start": 0, "curriculum_patience": 1}
+    settings = {
+        "iterations": 2,
+        "eval_interval": None,
+        "curriculum_start": 0,
+        "curriculum_patience": 1,
+    }
     models = []
     for strategy in ("loop", "vectorised"):
         method = create_method("purer-no-icfil", {**settings, "inversion_strategy": strategy})
@@ -266,7 +271,7 @@ def test_free_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> No
         "per_class": 4,
         "generator_steps": 2,
         "generator_width": 8,
-        "checkpoints": 2,
+        "eval_interval": 1,
         "max_replay_batches": 1,
         "queries": 2,
     }

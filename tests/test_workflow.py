@@ -163,7 +163,7 @@ def test_workflow_killed_with_sigkill_resumes_the_running_job(tmp_path: Path) ->
 
     config = yaml.safe_load((REPO / "tests/data/tiny-workflow.yaml").read_text())
     config["scenarios"] = {"mh": {"recipe": "tiny-mh", "methods": ["random", "purer"]}}
-    config["method_settings"]["purer"] |= {"iterations": 40, "checkpoints": 2}
+    config["method_settings"]["purer"] |= {"iterations": 40, "eval_interval": 20}
     config["checkpoint_interval_s"] = 0
     config["results_dir"] = str(tmp_path / "results")
     config_file = tmp_path / "config.yaml"

@@ -37,6 +37,7 @@ from dfml_bench.evaluation.stats import mean_ci95
 
 VAL_SEED_OFFSET = 10_007  # meta-val episodes never coincide with meta-test episodes
 ICFIL_SEED_OFFSET = 0x1CF1  # ICFIL's pseudo-image generator: a stream apart from the sampler's
+FRESH_DRAW_OFFSET = 1_000_003  # test episodes of the k-th periodic evaluation: seed + k x this
 
 
 class EvaluationSettings(BaseModel):
@@ -47,12 +48,22 @@ class EvaluationSettings(BaseModel):
     episodes: int = Field(600, ge=2)
     val_episodes: int = Field(200, ge=2)
     queries: int = Field(15, ge=1)
-    inner_steps: int = Field(10, ge=0)
-    inner_lr: float = Field(0.01, gt=0)
+    # fine-tuning at meta-test; None: the protocol of the method's paper (`Method.test_adaptation`)
+    inner_steps: int | None = Field(None, ge=0)
+    inner_lr: float | None = Field(None, gt=0)
     icfil: IcfilSettings = Field(default_factory=IcfilSettings)
     # auto: tasks one by one on CPU (vmap is ~2.6x slower there), in vmapped chunks on CUDA
     task_batching: TaskBatching = "auto"
     task_chunk: int = Field(100, ge=1)  # tasks per vmapped call when batching
+
+    def with_adaptation(self, steps: int, lr: float) -> EvaluationSettings:
+        """These settings with the method's fine-tuning wherever none was configured."""
+        return self.model_copy(
+            update={
+                "inner_steps": steps if self.inner_steps is None else self.inner_steps,
+                "inner_lr": lr if self.inner_lr is None else self.inner_lr,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -88,17 +99,24 @@ def evaluate(
     progress: bool = True,
     *,
     icfil: bool | None = None,
+    draw: int = 0,
 ) -> EvaluationResult:
     """Mean accuracy (percent) and 95% CI over seeded episodes of `dataset`'s `split`.
 
     `model` must use batch statistics in BatchNorm (see `use_batch_statistics`) and have a head
     of `settings.ways` outputs; images are resized when the model expects another size.
     `icfil` turns PURER's ICFIL calibration on or off after each inner loop (None: follow
-    `settings.icfil.enabled`); its extra seconds per task are reported when on.
+    `settings.icfil.enabled`); its extra seconds per task are reported when on. `draw` k > 0
+    samples another set of episodes (the same for every method at that k); draw 0 is the fixed
+    set every protocol shares.
     """
+    if settings.inner_steps is None or settings.inner_lr is None:
+        raise ValueError("evaluation settings without inner_steps/inner_lr: resolve them first")
     use_icfil = settings.icfil.enabled if icfil is None else icfil
     episodes = settings.episodes if split == "test" else settings.val_episodes
     episode_seed = seed if split == "test" else seed + VAL_SEED_OFFSET
+    if draw:  # a fresh set of test tasks (the paper protocol's periodic evaluations)
+        episode_seed += draw * FRESH_DRAW_OFFSET
     sampler = EpisodeSampler(
         dataset.split(split), settings.ways, shots, settings.queries, episodes, episode_seed
     )

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.errors import DfmlError
+from dfml_bench.models.init import ModelInit
 from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import Zoo
 
@@ -28,6 +29,13 @@ class MetaModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     architecture: str = "conv4"
     image_size: int = 32
+    init: ModelInit = Field(
+        "authors",
+        description=(
+            "the meta-model's starting point: 'authors' = PURER's and FREE's init_layer, "
+            "'pytorch' = PyTorch's defaults (dfml_bench.models.init)"
+        ),
+    )
 
 
 @dataclass
@@ -53,6 +61,19 @@ class Checkpoint:
     model: nn.Module
 
 
+@dataclass(frozen=True)
+class TestAdaptation:
+    """How the method's paper fine-tunes at meta-test (SGD steps on the support set, lr)."""
+
+    steps: int
+    lr: float
+    source: str  # where the protocol comes from, for docs and records
+
+
+# PURER's scripts (--test_inner_update_num 1, --inner_lr 0.01); its paper scores every baseline so
+PURER_TEST_ADAPTATION = TestAdaptation(1, 0.01, "PURER scripts: 1 step, lr 0.01")
+
+
 @dataclass
 class MethodTimings:
     """Seconds a method spent recovering data (inversion) vs. all of its meta-training."""
@@ -69,6 +90,7 @@ class Method(ABC):
     same_architecture_only: ClassVar[bool] = False
     uses_icfil: ClassVar[bool] = False  # the harness applies ICFIL at meta-test for this method
     data_free: ClassVar[bool] = True
+    test_adaptation: ClassVar[TestAdaptation] = PURER_TEST_ADAPTATION
 
     def __init__(self, settings: BaseModel) -> None:
         self.settings = settings
@@ -104,6 +126,13 @@ class Method(ABC):
     @abstractmethod
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         """Yield checkpoints (periodically, for the paper protocol); the last one is final."""
+
+
+def checkpoint_iterations(total: int, interval: int | None) -> set[int]:
+    """Iterations (or epochs) to evaluate at: every `interval` and always the last one."""
+    if interval is None or interval >= total:
+        return {total}
+    return {*range(interval, total + 1, interval), total}
 
 
 _METHODS: dict[str, type[Method]] = {}

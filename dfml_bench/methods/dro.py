@@ -3,8 +3,11 @@ from its description (no public code was available to us).
 
 What we implement:
 - every teacher t gets a learnable embedding e_t (`embedding_dim`); a fusion network maps an
-  embedding to a full set of meta-model parameters, theta(e) = theta_0 + W e (theta_0 starts
-  at the zoo Average, W at zero: a linear hypernetwork);
+  embedding to a full set of meta-model parameters, theta(e) = theta_0 + s * (W e) (theta_0 is
+  the zoo Average, W starts at zero: a linear hypernetwork). By default (`update: relative`,
+  "DRO-style") theta_0 is frozen and s is each tensor's RMS, so steps respect the scale of the
+  weights; `absolute` learns theta_0 and adds W e as is, which at Adam's lr 1e-3 moves the conv
+  layers by a third of their norm in ten steps and destroys the Average it starts from;
 - without data, theta(e_t) must reproduce teacher t on its own classes: a KL distillation loss
   L_t on inputs inverted from teacher t once before training (DeepInversion, `inversion_steps`);
 - the objective is distributionally robust in a Wasserstein ball around the empirical
@@ -15,7 +18,8 @@ What we implement:
   L_t(theta(e'_t)) - L_t(theta(e_t)) is therefore never negative; it is logged;
 - the meta-initialisation is theta(mean_t e_t), the network's output at the embeddings' centre.
 
-Where it may differ from the paper: the exact fusion-network architecture, the transport cost
+Where it may differ from the paper (so tables call it DRO-style): the fusion network and its
+relative update, the transport cost
 (squared Euclidean on embeddings), the Lagrangian relaxation instead of an explicit radius, and
 inverted inputs as the data-free stand-in for the teachers' tasks. Same-architecture zoos only.
 """
@@ -26,10 +30,11 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -38,13 +43,20 @@ from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss
-from dfml_bench.methods.average import average_of_zoo
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
-from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
+from dfml_bench.methods.average import FusionHeadSettings, average_of_zoo, set_head
+from dfml_bench.methods.base import (
+    Checkpoint,
+    MetaTrainContext,
+    Method,
+    checkpoint_iterations,
+    register_method,
+)
+from dfml_bench.methods.purer import load_teachers
+from dfml_bench.models import build_model
 from dfml_bench.resume import load_snapshot, snapshot
 
 
-class DroSettings(BaseModel):
+class DroSettings(FusionHeadSettings):
     model_config = ConfigDict(extra="forbid")
     iterations: int = Field(500, ge=1)
     teachers_per_step: int = Field(4, ge=1)
@@ -56,24 +68,43 @@ class DroSettings(BaseModel):
     images_per_class: int = Field(8, ge=1)
     inversion_steps: int = Field(20, ge=0)
     inversion_lr: float = Field(0.25, gt=0)
-    checkpoints: int = Field(1, ge=1)
+    eval_interval: int | None = Field(None, ge=1, description="None: the final model only")
+    update: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="relative (DRO-style): theta_0 frozen, W e scaled per tensor by theta_0's "
+        "RMS; absolute: theta_0 learnt too, W e added as is",
+    )
 
 
 class FusionNetwork(nn.Module):
-    """theta(e) = theta_0 + W e over the flattened meta-model parameters."""
+    """theta(e) = theta_0 + s * (W e) over the flattened meta-model parameters.
 
-    def __init__(self, base: nn.Module, num_teachers: int, embedding_dim: int) -> None:
+    `relative`: theta_0 (the zoo Average) is frozen and s is each tensor's RMS in theta_0, so an
+    Adam step moves every tensor by a fraction of its own scale. `absolute` (s = 1, theta_0
+    learnt): an Adam step of lr 1e-3 moves every weight by about 1e-3 whatever its scale, which
+    destroys small-norm layers within ten steps."""
+
+    def __init__(
+        self, base: nn.Module, num_teachers: int, embedding_dim: int, relative: bool
+    ) -> None:
         super().__init__()
         params = dict(base.named_parameters())
         self.names = list(params)
         self.shapes = [params[name].shape for name in self.names]
         flat = torch.cat([params[name].detach().flatten() for name in self.names])
-        self.base = nn.Parameter(flat.clone())
+        self.base = nn.Parameter(flat.clone(), requires_grad=not relative)
+        scales = [
+            params[name].detach().square().mean().sqrt().clamp_min(1e-3).expand(shape.numel())
+            if relative
+            else torch.ones(shape.numel())
+            for name, shape in zip(self.names, self.shapes)
+        ]
+        self.register_buffer("scale", torch.cat(scales).to(flat))
         self.projection = nn.Parameter(torch.zeros(flat.numel(), embedding_dim))
         self.embeddings = nn.Parameter(0.1 * torch.randn(num_teachers, embedding_dim))
 
     def forward(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        flat = self.base + self.projection @ embedding
+        flat = self.base + self.scale * (self.projection @ embedding)
         pieces = torch.split(flat, [shape.numel() for shape in self.shapes])
         return {n: p.view(s) for n, p, s in zip(self.names, pieces, self.shapes)}
 
@@ -137,10 +168,14 @@ class Dro(Method):
             data = [self._invert(t, spec.image_size, settings, generator) for t in teachers]
             synchronize(context.device)
             self.timings.recovery_seconds = time.perf_counter() - started
-        fusion = FusionNetwork(model, len(teachers), settings.embedding_dim).to(context.device)
-        optimizer = torch.optim.Adam(fusion.parameters(), lr=settings.lr)
+        fusion = FusionNetwork(
+            model, len(teachers), settings.embedding_dim, settings.update == "relative"
+        ).to(context.device)
+        trainable = [parameter for parameter in fusion.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=settings.lr)
+        fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
         self.history: list[dict[str, float]] = []
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
+        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
 
         stateful = {"fusion": fusion, "optimizer": optimizer, "generator": generator}
 
@@ -207,6 +242,7 @@ class Dro(Method):
                 with torch.no_grad():
                     for name, value in fusion.centre().items():
                         fused.get_parameter(name).copy_(value)
+                set_head(fused, settings.head, fresh)
                 self.timings.extra["final_objective"] = objective
                 yield Checkpoint(iteration=iteration, model=fused)
             context.resume.step(iteration, state, force=iteration in evaluate_at)

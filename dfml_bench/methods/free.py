@@ -46,9 +46,16 @@ from dfml_bench.inversion.vectorised import (
     StackedTeachers,
     draw_jitter_shifts,
 )
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.methods.base import (
+    Checkpoint,
+    MetaTrainContext,
+    Method,
+    TestAdaptation,
+    checkpoint_iterations,
+    register_method,
+)
 from dfml_bench.methods.maml import Params, maml_outer_loss
-from dfml_bench.methods.purer import checkpoint_iterations, load_teachers
+from dfml_bench.methods.purer import load_teachers
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.resume import load_snapshot, snapshot
@@ -85,7 +92,9 @@ class FreeSettings(InversionSpeedSettings):
     replay_patience: int = Field(10, ge=1)
     max_replay_batches: int = Field(100, ge=1, description="cap per epoch (ours)")
     memory_capacity: int | None = Field(None, ge=1, description="None: keep every image")
-    checkpoints: int = Field(10, ge=1)
+    eval_interval: int | None = Field(
+        20, ge=1, description="epochs between evaluations (authors: 20); None: final only"
+    )
 
 
 def masked_adversarial_loss(
@@ -118,6 +127,8 @@ def alignment_update(meta: Params, fast_copies: list[Params], scale: float) -> P
 @register_method
 class Free(Method):
     name = "free"
+    # the authors' main.py: --test_inner_update_num 10, --inner_lr 0.01
+    test_adaptation = TestAdaptation(10, 0.01, "FREE main.py: 10 steps, lr 0.01")
     Settings = FreeSettings
     align: ClassVar[bool] = True
     meta_generator: ClassVar[bool] = True
@@ -133,7 +144,9 @@ class Free(Method):
             stacked = StackedTeachers(teachers, compile=settings.inversion_compile)
         records = context.zoo.teachers
         spec = context.meta_model
-        model = use_batch_statistics(build_model(spec.architecture, context.ways, spec.image_size))
+        model = use_batch_statistics(
+            build_model(spec.architecture, context.ways, spec.image_size, spec.init)
+        )
         model = model.to(device, memory_format=torch.channels_last)
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
         meta_gen = Generator(spec.image_size, settings.latent_dim, settings.generator_width)
@@ -146,7 +159,7 @@ class Free(Method):
         )
         memory = ImageMemory(settings.memory_capacity)
         self.memory, self.meta_generator_model = memory, meta_gen  # inspected by tests
-        evaluate_at = checkpoint_iterations(settings.epochs, settings.checkpoints)
+        evaluate_at = checkpoint_iterations(settings.epochs, settings.eval_interval)
         images_recovered, replay_batches = 0, 0
 
         stateful = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from dfml_bench.data.task import Task, stack_tasks
 from dfml_bench.evaluation.adaptation import TaskBatching, batches_tasks, functional_adapt
 
 Params = dict[str, torch.Tensor]
+Reduction = Literal["mean", "sum"]
 
 
 def inner_adapt(
@@ -54,13 +55,20 @@ def maml_outer_loss(
     inner_lr: float,
     second_order: bool = True,
     batching: TaskBatching = "auto",
+    *,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, float]:
-    """Mean query loss after adaptation over `tasks`, and the query accuracy in percent.
+    """Query loss after adaptation over `tasks` (the mean or the sum of the per-task mean
+    losses), and the query accuracy in percent.
 
+    The authors' PURER and FREE code SUM a meta-batch's query losses, so their outer gradient is
+    `len(tasks)` times the mean's: with Adam this barely matters, with SGD it scales the step.
     The accuracy is read back once per meta-batch (one host sync), not once per task."""
     device = next(iter(params.values())).device
     if len(tasks) > 1 and batches_tasks(batching, device) and _same_shapes(tasks):
-        return _batched_outer_loss(model, params, tasks, inner_steps, inner_lr, second_order)
+        return _batched_outer_loss(
+            model, params, tasks, inner_steps, inner_lr, second_order, reduction
+        )
     losses, correct, total = [], [], 0
     for task in tasks:
         adapted = inner_adapt(
@@ -76,7 +84,15 @@ def maml_outer_loss(
         losses.append(F.cross_entropy(logits, task.query_labels))
         correct.append((logits.detach().argmax(1) == task.query_labels).sum())
         total += task.query_labels.numel()
-    return torch.stack(losses).mean(), 100.0 * int(torch.stack(correct).sum()) / total
+    return _reduce(torch.stack(losses), reduction), 100.0 * int(torch.stack(correct).sum()) / total
+
+
+def _reduce(task_losses: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "mean":
+        return task_losses.mean()
+    if reduction == "sum":
+        return task_losses.sum()
+    raise ValueError(f"unknown reduction {reduction!r}; known: mean, sum")
 
 
 def _same_shapes(tasks: list[Task]) -> bool:
@@ -98,6 +114,7 @@ def _batched_outer_loss(
     inner_steps: int,
     inner_lr: float,
     second_order: bool,
+    reduction: Reduction = "mean",
 ) -> tuple[torch.Tensor, float]:
     """`maml_outer_loss` with every task's inner loop and query pass in one vmapped call."""
     batch = stack_tasks(tasks)
@@ -116,7 +133,8 @@ def _batched_outer_loss(
         logits.flatten(0, 1), batch.query_labels.flatten(), reduction="none"
     ).view(len(tasks), -1)
     correct = (logits.detach().argmax(-1) == batch.query_labels).sum()
-    return losses.mean(dim=1).mean(), 100.0 * int(correct) / batch.query_labels.numel()
+    accuracy = 100.0 * int(correct) / batch.query_labels.numel()
+    return _reduce(losses.mean(dim=1), reduction), accuracy
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)

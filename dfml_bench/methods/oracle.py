@@ -16,9 +16,14 @@ from dfml_bench.data.sampler import EpisodeSampler
 from dfml_bench.data.task import Task
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.methods.base import (
+    Checkpoint,
+    MetaTrainContext,
+    Method,
+    checkpoint_iterations,
+    register_method,
+)
 from dfml_bench.methods.maml import maml_outer_loss
-from dfml_bench.methods.purer import checkpoint_iterations
 from dfml_bench.models import build_model
 from dfml_bench.resume import load_snapshot, snapshot
 
@@ -36,7 +41,7 @@ class OracleSettings(BaseModel):
     outer_lr: float = Field(1e-3, gt=0)
     second_order: bool = True
     queries: int = Field(15, ge=1)
-    checkpoints: int = Field(10, ge=1)
+    eval_interval: int | None = Field(500, ge=1, description="as PURER; None: final only")
 
 
 @register_method
@@ -52,7 +57,9 @@ class Oracle(Method):
         torch.manual_seed(context.seed)
         generator = torch.Generator().manual_seed(context.seed)
         spec = context.meta_model
-        model = use_batch_statistics(build_model(spec.architecture, context.ways, spec.image_size))
+        model = use_batch_statistics(
+            build_model(spec.architecture, context.ways, spec.image_size, spec.init)
+        )
         model = model.to(context.device, memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
         samplers = [
@@ -66,7 +73,7 @@ class Oracle(Method):
             )
             for dataset in context.training_data
         ]
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
+        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
 
         stateful = {"model": model, "optimizer": optimizer, "generator": generator}
         done = 0

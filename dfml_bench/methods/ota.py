@@ -17,12 +17,17 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.average import average_state_dicts, head_names
+from dfml_bench.methods.average import (
+    FusionHeadSettings,
+    average_state_dicts,
+    head_names,
+    set_head,
+)
 from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.models import build_model
 
@@ -30,7 +35,7 @@ State = dict[str, torch.Tensor]
 SUPPORTED = ("conv4", "conv4-gap")
 
 
-class OtaSettings(BaseModel):
+class OtaSettings(FusionHeadSettings):
     model_config = ConfigDict(extra="forbid")
     reference: int = Field(0, ge=0, description="index of the teacher others are aligned to")
     cost: Literal["weight", "activation"] = "weight"
@@ -155,7 +160,7 @@ class Ota(Method):
             )
             aligned.append(align_to(teacher.state_dict(), reference.state_dict(), costs))
         spec = context.meta_model
-        model = build_model(spec.architecture, context.ways, spec.image_size)
+        model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
         heads = head_names(model)
         matching = [s for s in aligned if s["head.weight"].shape[0] == context.ways]
         if not matching:
@@ -165,4 +170,7 @@ class Ota(Method):
         )
         head = average_state_dicts([{k: v for k, v in s.items() if k in heads} for s in matching])
         model.load_state_dict({**backbone, **head})
+        torch.manual_seed(context.seed)  # the fresh head of `reinit`
+        fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
+        set_head(model, settings.head, fresh)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))

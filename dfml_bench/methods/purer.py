@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.fidelity import FidelitySettings
 from dfml_bench.inversion import (
     DeepInversionWeights,
     InversionLoss,
@@ -37,8 +38,14 @@ from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
 from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
 from dfml_bench.inversion.settings import InversionSpeedSettings
 from dfml_bench.inversion.vectorised import StackedTeachers
-from dfml_bench.methods.average import average_of_zoo
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.methods.average import Accumulation, average_of_zoo
+from dfml_bench.methods.base import (
+    Checkpoint,
+    MetaTrainContext,
+    Method,
+    checkpoint_iterations,
+    register_method,
+)
 from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import build_model
 from dfml_bench.resume import load_snapshot, snapshot
@@ -46,10 +53,11 @@ from dfml_bench.resume import load_snapshot, snapshot
 PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 queries otherwise)
 
 
-class PurerSettings(InversionSpeedSettings):
+class PurerSettings(InversionSpeedSettings, FidelitySettings):
     """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
+    PROFILE_VALUES = {"start_accumulation": {"authors": "doubled", "corrected": "mean"}}
     iterations: int = Field(60_000, ge=1, description="meta-iterations (x meta_batch tasks)")
     meta_batch: int = Field(4, ge=1)
     inner_steps: int = Field(1, ge=1)
@@ -66,7 +74,15 @@ class PurerSettings(InversionSpeedSettings):
     curriculum_start: int = Field(4000, ge=0)
     curriculum_patience: int = Field(6, ge=1)
     adversarial_weight: float = Field(10.0, ge=0)
-    checkpoints: int = Field(10, ge=1, description="evenly spaced evaluations")
+    start_accumulation: Accumulation | None = Field(
+        None, description="zoo Average it starts from: doubled (authors' FedAvg) or mean"
+    )
+    eval_interval: int | None = Field(
+        500,
+        ge=1,
+        description="meta-iterations between evaluations (authors: --val_interval 2000 tasks "
+        "/ 4 per meta-batch); None: the final model only",
+    )
 
 
 class CurriculumSwitch:
@@ -87,12 +103,6 @@ class CurriculumSwitch:
             self.stale = 0
             return True
         return False
-
-
-def checkpoint_iterations(iterations: int, count: int) -> set[int]:
-    """`count` evenly spaced iterations ending with the last one."""
-    count = min(count, iterations)
-    return {round(iterations * (index + 1) / count) for index in range(count)}
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,7 @@ class Purer(Method):
             if self.curriculum
             else None
         )
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.checkpoints)
+        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
         adversarial, adversarial_steps = False, 0
         self.timings.extra["pseudo_images"] = float(pool.num_images)
 
@@ -279,11 +289,12 @@ class Purer(Method):
     def _initial_model(self, context: MetaTrainContext) -> nn.Module:
         """Zoo Average when the architectures match (PURER's init), else a random init."""
         spec = context.meta_model
+        settings: PurerSettings = self.settings  # type: ignore[assignment]
         if self.architecture_mismatch(context) is None:
-            model = average_of_zoo(context.zoo, spec, context.ways)
+            model = average_of_zoo(context.zoo, spec, context.ways, settings.start_accumulation)
             self.timings.extra["init_from_average"] = 1.0
         else:
-            model = build_model(spec.architecture, context.ways, spec.image_size)
+            model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
             self.timings.extra["init_from_average"] = 0.0
         return use_batch_statistics(model)
 

@@ -24,5 +24,5 @@ class RandomInit(Method):
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         torch.manual_seed(context.seed)
         spec = context.meta_model
-        model = build_model(spec.architecture, context.ways, spec.image_size)
+        model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))

@@ -7,7 +7,7 @@ METHOD_DISPLAY = {
     "random": "Random",
     "average": "Average",
     "ota": "OTA",
-    "dro": "DRO",
+    "dro": "DRO-style",
     "purer": "PURER",
     "purer-no-eci": "PURER w/o ECI",
     "purer-no-icfil": "PURER w/o ICFIL",
@@ -18,8 +18,17 @@ METHOD_DISPLAY = {
 }
 
 
+# display names of a config's variants (ablation rows), read from the records' summary
+_VARIANT_DISPLAY: dict[str, str] = {}
+
+
+def remember_variant_names(names: dict[str, str]) -> None:
+    """Display names of variant rows (from summary.csv's `display_name`), for every table."""
+    _VARIANT_DISPLAY.update(names)
+
+
 def method_display(method: str) -> str:
-    return METHOD_DISPLAY.get(method, method)
+    return METHOD_DISPLAY.get(method) or _VARIANT_DISPLAY.get(method, method)
 
 
 def method_rank(method: str) -> tuple[int, int, str]:

@@ -17,7 +17,7 @@ from dfml_bench import atomic
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.stats import mean_ci95_across_seeds
 from dfml_bench.reporting.collect import SUMMARY_COLUMNS
-from dfml_bench.reporting.naming import method_display, method_rank
+from dfml_bench.reporting.naming import method_display, method_rank, remember_variant_names
 from dfml_bench.reporting.reference import reference_markdown
 from dfml_bench.reporting.speed import speed_markdown
 
@@ -235,9 +235,45 @@ def table_note(rows: pd.DataFrame, protocol: str) -> str:
     parts = [
         f"{PROTOCOL_NOTES[protocol]}; test episodes per run: {', '.join(map(str, episodes))}; "
         f"{seeds_text}; {ci_text}.",
+        method_notes(rows),
         dataset_notes(constituents, stand_ins),
     ]
     return " ".join(part for part in parts if part)
+
+
+def _grouped(rows: pd.DataFrame, column: str, describe: object) -> list[str]:
+    """'<value>: Method, Method' per distinct value of `column` (rows where it is set)."""
+    groups: dict[str, list[str]] = {}
+    present = rows.dropna(subset=[column]) if column in rows else rows.iloc[0:0]
+    for method in sorted(present["method"].unique(), key=method_rank):
+        values = present.loc[present["method"] == method, column].unique()
+        for value in values:
+            groups.setdefault(describe(value), []).append(method_display(method))  # type: ignore[operator]
+    return [f"{label} ({', '.join(methods)})" for label, methods in groups.items()]
+
+
+def method_notes(rows: pd.DataFrame) -> str:
+    """Per-row settings a reader must know: meta-test fine-tuning, fidelity profile, fused head."""
+    notes = []
+    steps = _grouped(
+        rows.assign(
+            _adaptation=[
+                None if pd.isna(s) else (int(s), float(lr))
+                for s, lr in zip(rows.get("test_steps", []), rows.get("test_lr", []))
+            ]
+        ),
+        "_adaptation",
+        lambda v: f"{v[0]} step{'s' if v[0] != 1 else ''} at lr {v[1]:g}",
+    )
+    if steps:
+        notes.append("Fine-tuning at meta-test: " + "; ".join(steps) + ".")
+    profiles = _grouped(rows, "fidelity", str)
+    if profiles:
+        notes.append("Fidelity profile: " + "; ".join(profiles) + ".")
+    heads = _grouped(rows, "fused_head", lambda v: f"{v} head")
+    if heads:
+        notes.append("Fused models: " + "; ".join(heads) + ".")
+    return " ".join(notes)
 
 
 def read_summary(summary_csv: Path | str) -> pd.DataFrame:
@@ -254,6 +290,8 @@ def read_summary(summary_csv: Path | str) -> pd.DataFrame:
     for column in ("stand_in_for", "datasets"):
         frame[column] = frame[column].astype("string").fillna("")
     frame["datasets"] = frame["datasets"].where(frame["datasets"] != "", frame["dataset"])
+    named = frame.dropna(subset=["display_name"])
+    remember_variant_names(dict(zip(named["method"], named["display_name"])))
     return frame
 
 

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dfml_bench.errors import ConfigError
+from dfml_bench.models.init import ModelInit
 from dfml_bench.validation import validate_model
 
 # \Z, not $: "$" also matches before a trailing newline, and a name ends up in folder names
@@ -60,6 +61,13 @@ class ZooRecipe(BaseModel):
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
     max_images_per_class: int | None = Field(None, ge=5)
     optimizers: dict[str, OptimizerSpec] = Field(default_factory=lambda: dict(AUTHORS_OPTIMIZERS))
+    init: ModelInit = Field(
+        "authors",
+        description=(
+            "teachers' initialisation: 'authors' = PURER's and FREE's init_layer (conv weights "
+            "normal(0, sqrt(2 / (k*k*out_channels))), BatchNorm 1 / 0), 'pytorch' = the defaults"
+        ),
+    )
     seed: int = 0
 
     @field_validator("name")

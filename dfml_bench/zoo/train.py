@@ -197,7 +197,9 @@ def _train_teacher(
     )
     heldout_y = relabel[split.labels[heldout_index]].to(device)
 
-    model = build_model(plan.architecture, len(plan.dataset_class_indices), recipe.image_size)
+    model = build_model(
+        plan.architecture, len(plan.dataset_class_indices), recipe.image_size, recipe.init
+    )
     model = model.to(device, memory_format=channels_last)
     spec = recipe.optimizer_for(plan.architecture)
     if spec.name == "adam":

@@ -60,6 +60,7 @@ def test_meta_test(benchmark, device: torch.device, batching: str) -> None:
     settings = EvaluationSettings(
         episodes=episodes,
         inner_steps=10,
+        inner_lr=0.01,
         task_batching=batching,
         task_chunk=min(300, episodes),
     )

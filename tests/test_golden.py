@@ -1,0 +1,449 @@
+"""Golden tests: our MAML meta-step, test-time fine-tuning, initialisation and ResNet stem against
+fixtures computed by running the authors' public code (PURER, FREE) one step at a time.
+
+The fixtures and their description are in `../shared/golden` (README.md and a JSON sidecar per
+fixture); `DFML_GOLDEN_DIR` points elsewhere. Every random choice of a step is an input stored
+in the fixture, so each test calls our function on those inputs and compares its outputs. The
+float64 files pin the maths tightly (rtol 1e-9); the float32 files use the README's looser
+tolerances, because float32 kernels route the gradient of near-tied max-pool windows differently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from dfml_bench.data.task import Task
+from dfml_bench.evaluation.adaptation import (
+    batched_logits,
+    finetune,
+    finetune_batched,
+    parameters_of,
+    use_batch_statistics,
+)
+from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.models import ModelInit, build_model
+from dfml_bench.models.resnet import BasicBlock
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("DFML_GOLDEN_DIR") or REPO.parent / "shared" / "golden")
+if not (GOLDEN / "README.md").is_file():
+    pytest.skip(
+        f"golden fixtures not found at {GOLDEN} (set DFML_GOLDEN_DIR to the folder holding "
+        "maml_outer_step.safetensors and the other fixtures)",
+        allow_module_level=True,
+    )
+
+from safetensors.torch import load_file  # noqa: E402  (only needed once the fixtures exist)
+
+# the authors' ToTensor + Normalize of the image bank (CIFAR-FS constants, README "Image bank")
+BANK_MEAN = (0.5071, 0.4867, 0.4408)
+BANK_STD = (0.2675, 0.2565, 0.2761)
+INNER_LR = 0.01
+OUTER_LR = 1e-3
+
+Tensors = dict[str, torch.Tensor]
+
+
+@cache
+def _sidecar(name: str) -> dict[str, Any]:
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+@cache
+def _inputs(name: str) -> Tensors:
+    """The float32 file: inputs and the float32 results."""
+    return load_file(GOLDEN / f"{name}.safetensors")
+
+
+@cache
+def _expected64(name: str) -> Tensors:
+    return load_file(GOLDEN / f"{name}.f64.safetensors")
+
+
+def _expected(name: str, dtype: torch.dtype) -> Tensors:
+    return _expected64(name) if dtype == torch.float64 else _inputs(name)
+
+
+def _project_keys(name: str) -> dict[str, str]:
+    """Fixture role -> our state-dict key (the sidecar's key_map; our modules keep their names)."""
+    return {row["role"]: row["project"] for row in _sidecar(name)["key_map"]}
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """One thread: these small kernels gain little from two, and results stay reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[torch.dtype]:
+    """Run in this default dtype, so buffers made inside the computation follow it too."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield dtype
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(params=[torch.float64, torch.float32], ids=["float64", "float32"])
+def dtype(request: pytest.FixtureRequest) -> Iterator[torch.dtype]:
+    with _default_dtype(request.param) as chosen:
+        yield chosen
+
+
+def _bank(name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The uint8 image bank decoded in the working dtype, as the README says (not upcast)."""
+    images = _inputs(name)["bank.images_u8"].to(dtype) / 255
+    mean = torch.tensor(BANK_MEAN, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(BANK_STD, dtype=dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _meta_model(name: str, dtype: torch.dtype) -> nn.Module:
+    """Our Conv4 with batch-statistics BN, loaded with the fixture's `meta.*` parameters."""
+    model = use_batch_statistics(build_model("conv4", 5, 32)).to(dtype)
+    ours = model.state_dict()
+    state = {
+        key: _inputs(name)[f"meta.{role}"].to(dtype)
+        for role, key in _project_keys(name).items()
+        if key in ours  # use_batch_statistics drops the running buffers
+    }
+    model.load_state_dict(state, strict=True)
+    return model.train()
+
+
+def _is_conv_bias(role: str) -> bool:
+    """Their gradient is mathematically zero under batch-statistics BN: stored values are noise."""
+    return ".conv." in role and role.endswith(".bias")
+
+
+def _assert_parameters(
+    got: Tensors,
+    want: Tensors,
+    prefix: str,
+    name: str,
+    dtype: torch.dtype,
+    float32: dict[str, float],
+) -> None:
+    """Compare our tensors (our keys) with `prefix.<role>` of the fixture, README tolerances."""
+    for role, key in _project_keys(name).items():
+        if key not in got:
+            continue
+        reference = want[f"{prefix}.{role}"]
+        if dtype == torch.float64:
+            atol = 1e-8 if _is_conv_bias(role) else 1e-11
+            torch.testing.assert_close(got[key], reference, rtol=1e-9, atol=atol, msg=role)
+        elif not _is_conv_bias(role):
+            torch.testing.assert_close(got[key], reference, **float32, msg=role)
+
+
+def _assert_gradients(
+    model: nn.Module, want: Tensors, prefix: str, name: str, dtype: torch.dtype
+) -> None:
+    grads = {key: param.grad for key, param in model.named_parameters()}
+    if dtype == torch.float64:
+        _assert_parameters(grads, want, prefix, name, dtype, {})
+        return
+    for role, key in _project_keys(name).items():
+        if key in grads and not _is_conv_bias(role):
+            reference = want[f"{prefix}.{role}"]
+            error = float((grads[key] - reference).norm() / reference.norm())
+            assert error <= 1e-3, f"{role}: gradient off by {error:.2e} (relative norm)"
+
+
+def _loss_tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 0}
+
+
+# ------------------------------------------------------------------ MAML meta-batch (PURER, FREE)
+
+MAML_CASES = {
+    # fixture, expected prefix, inner steps, second order
+    "purer-so1": ("maml_outer_step", "expected", 1, True),
+    "purer-fo5": ("maml_outer_step", "expected_fo5", 5, False),
+    "free-so5": ("maml_outer_step_free", "expected", 5, True),
+}
+
+
+def _maml_tasks(name: str, dtype: torch.dtype) -> list[Task]:
+    bank, fx = _bank(name, dtype), _inputs(name)
+    return [
+        Task(bank[support], support_labels, bank[query], query_labels)
+        for support, support_labels, query, query_labels in zip(
+            fx["tasks.support_index"],
+            fx["tasks.support_labels"],
+            fx["tasks.query_index"],
+            fx["tasks.query_labels"],
+        )
+    ]
+
+
+@pytest.mark.parametrize("case", list(MAML_CASES))
+def test_maml_outer_step(case: str, dtype: torch.dtype) -> None:
+    """maml_outer_loss(reduction="sum") + one fresh Adam(1e-3) step = the authors' meta-batch:
+    per-task query losses and accuracies, the summed meta-loss, every parameter's gradient, the
+    parameters after the step, and the meta-loss on the same tasks after it."""
+    name, prefix, steps, second_order = MAML_CASES[case]
+    want = _expected(name, dtype)
+    model, tasks = _meta_model(name, dtype), _maml_tasks(name, dtype)
+    params = dict(model.named_parameters())
+
+    def outer(tasks: list[Task], second_order: bool) -> tuple[torch.Tensor, float]:
+        return maml_outer_loss(
+            model, params, tasks, steps, INNER_LR, second_order, "sequential", reduction="sum"
+        )
+
+    # the loss value does not depend on keeping the graph: first order is enough per task
+    task_results = [outer([task], False) for task in tasks]
+    torch.testing.assert_close(
+        torch.stack([loss.detach() for loss, _ in task_results]),
+        want[f"{prefix}.task_losses"],
+        **_loss_tolerance(dtype),
+    )
+    torch.testing.assert_close(
+        torch.tensor([accuracy for _, accuracy in task_results], dtype=dtype),
+        want[f"{prefix}.task_accuracies"],
+        rtol=0,
+        atol=1e-4,
+    )
+
+    meta_loss, accuracy = outer(tasks, second_order)
+    torch.testing.assert_close(
+        meta_loss.detach(), want[f"{prefix}.meta_loss"], **_loss_tolerance(dtype)
+    )
+    assert accuracy == pytest.approx(float(want[f"{prefix}.accuracy"]), abs=1e-4)
+    meta_loss.backward()
+    _assert_gradients(model, want, f"{prefix}.grad", name, dtype)
+
+    torch.optim.Adam(model.parameters(), lr=OUTER_LR).step()  # updates `params` in place
+    after = {key: param.detach() for key, param in params.items()}
+    _assert_parameters(after, want, f"{prefix}.meta_after", name, dtype, {"rtol": 0, "atol": 2e-3})
+    loss_after, _ = outer(tasks, False)
+    tolerance = _loss_tolerance(dtype) if dtype == torch.float64 else {"rtol": 1e-3, "atol": 0}
+    torch.testing.assert_close(
+        loss_after.detach(), want[f"{prefix}.meta_loss_after_step"], **tolerance
+    )
+
+
+def test_maml_outer_step_batched_sums_too() -> None:
+    """The vmapped path of maml_outer_loss sums the same way (float64, PURER's meta-batch)."""
+    name, want = "maml_outer_step", _expected64("maml_outer_step")
+    with _default_dtype(torch.float64):
+        model, tasks = _meta_model(name, torch.float64), _maml_tasks(name, torch.float64)
+        params = dict(model.named_parameters())
+        meta_loss, accuracy = maml_outer_loss(
+            model, params, tasks, 1, INNER_LR, True, "batched", reduction="sum"
+        )
+        torch.testing.assert_close(
+            meta_loss.detach(), want["expected.meta_loss"], rtol=1e-9, atol=0
+        )
+        assert accuracy == pytest.approx(float(want["expected.accuracy"]), abs=1e-9)
+        meta_loss.backward()
+        _assert_gradients(model, want, "expected.grad", name, torch.float64)
+
+
+# ------------------------------------------------------------------------ meta-test fine-tuning
+
+FINETUNE = "metatest_finetune"
+FINETUNE_CASES = [(shots, steps) for shots in (1, 5) for steps in (1, 10)]
+
+
+def _finetune_tasks(shots: int, dtype: torch.dtype) -> list[Task]:
+    """The test loader's layout: 5K support rows (labels 0..4 cycling), then 75 query rows."""
+    bank, fx = _bank(FINETUNE, dtype), _inputs(FINETUNE)
+    tasks = []
+    for t, rows in enumerate(fx[f"shot{shots}.task_index"]):
+        tasks.append(
+            Task(
+                bank[rows[: 5 * shots]],
+                fx[f"shot{shots}.task{t}.support_labels"],
+                bank[rows[5 * shots :]],
+                fx[f"shot{shots}.task{t}.query_labels"],
+            )
+        )
+    return tasks
+
+
+def _logit_tolerance(shots: int, steps: int, task: int, dtype: torch.dtype) -> dict[str, float]:
+    """README tolerances; in float32 a task whose own float32 reference is off its float64 one
+    by more than those crossed an exact max-pool tie (tie_audit: 2 exact ties at 1-shot 10
+    steps), where any float32 kernel lands elsewhere: there, logits within 1e-2 (scale ~4)."""
+    if dtype == torch.float64:
+        return {"rtol": 1e-9, "atol": 1e-11}
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if steps == 1 else {"rtol": 1e-3, "atol": 1e-4}
+    key = f"expected.shot{shots}.steps{steps}.task{task}.query_logits"
+    authors32, authors64 = _inputs(FINETUNE)[key], _expected64(FINETUNE)[key]
+    try:
+        torch.testing.assert_close(authors32.double(), authors64, **tolerance)
+    except AssertionError:
+        return {"rtol": 0, "atol": 1e-2}
+    return tolerance
+
+
+@pytest.mark.parametrize(("shots", "steps"), FINETUNE_CASES, ids=lambda v: str(v))
+def test_metatest_finetune(shots: int, steps: int, dtype: torch.dtype) -> None:
+    """finetune (SGD lr 0.01, batch-statistics BN) = the authors' test-time adaptation: query
+    logits, loss and accuracy of 3 tasks, and the adapted weights of task 0."""
+    want = _expected(FINETUNE, dtype)
+    model = _meta_model(FINETUNE, dtype)
+    params = parameters_of(model)
+    for t, task in enumerate(_finetune_tasks(shots, dtype)):
+        prefix = f"expected.shot{shots}.steps{steps}.task{t}"
+        adapted = finetune(model, params, task.support_images, task.support_labels, steps, INNER_LR)
+        with torch.no_grad():
+            logits = functional_call(model, adapted, (task.query_images,))
+        tolerance = _logit_tolerance(shots, steps, t, dtype)
+        torch.testing.assert_close(logits, want[f"{prefix}.query_logits"], **tolerance)
+        loss_tolerance = _loss_tolerance(dtype) if tolerance["rtol"] else {"rtol": 1e-3, "atol": 0}
+        torch.testing.assert_close(
+            F.cross_entropy(logits, task.query_labels),
+            want[f"{prefix}.query_loss"],
+            **loss_tolerance,
+        )
+        accuracy = 100.0 * float((logits.argmax(1) == task.query_labels).double().mean())
+        assert accuracy == pytest.approx(float(want[f"{prefix}.accuracy"]), abs=1e-4)
+        if t == 0:
+            weights = {"rtol": 1e-4, "atol": 1e-5} if steps == 1 else {"rtol": 1e-3, "atol": 1e-4}
+            _assert_parameters(adapted, want, f"{prefix}.adapted", FINETUNE, dtype, weights)
+
+
+@pytest.mark.parametrize(("shots", "steps"), FINETUNE_CASES, ids=lambda v: str(v))
+def test_metatest_finetune_batched(shots: int, steps: int, dtype: torch.dtype) -> None:
+    """The harness's vmapped finetune_batched gives the same query logits for the 3 tasks."""
+    want = _expected(FINETUNE, dtype)
+    model = _meta_model(FINETUNE, dtype)
+    tasks = _finetune_tasks(shots, dtype)
+    adapted = finetune_batched(
+        model,
+        parameters_of(model),
+        torch.stack([task.support_images for task in tasks]),
+        torch.stack([task.support_labels for task in tasks]),
+        steps,
+        INNER_LR,
+    )
+    with torch.no_grad():
+        logits = batched_logits(model, adapted, torch.stack([task.query_images for task in tasks]))
+    for t in range(len(tasks)):
+        key = f"expected.shot{shots}.steps{steps}.task{t}.query_logits"
+        tolerance = _logit_tolerance(shots, steps, t, dtype)
+        if dtype == torch.float64:  # vmap sums the batch-norm statistics in another order
+            tolerance = {"rtol": 1e-9, "atol": 1e-10}
+        torch.testing.assert_close(logits[t], want[key], **tolerance)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+# the sidecar's layer names (the authors' modules) -> ours
+INIT_LAYERS = {
+    "conv4": {
+        **{f"trunk.{i}.C": f"features.{i}.0" for i in range(4)},
+        "trunk.5": "head",
+    },
+    "resnet10": {
+        "trunk.0": "features.0",
+        **{f"trunk.{i}.C{j}": f"features.{i}.conv{j}" for i in range(2, 6) for j in (1, 2)},
+        **{f"trunk.{i}.shortcut": f"features.{i}.shortcut.0" for i in range(3, 6)},
+        "trunk.8": "head",
+    },
+}
+OUR_ARCHITECTURE = {"conv4": "conv4", "resnet10": "resnet10-authors"}
+INIT_SEEDS = 10
+
+
+def _mean_weight_stds(architecture: str, init: ModelInit) -> dict[str, float]:
+    """Each conv / linear layer's weight std, averaged over INIT_SEEDS fresh models."""
+    sums: dict[str, float] = {}
+    for seed in range(INIT_SEEDS):
+        torch.manual_seed(seed)
+        model = build_model(architecture, 5, 32, init=init)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                sums[name] = sums.get(name, 0.0) + float(module.weight.detach().std())
+    return {name: total / INIT_SEEDS for name, total in sums.items()}
+
+
+@pytest.mark.parametrize("model_name", list(INIT_LAYERS))
+def test_init_layer(model_name: str) -> None:
+    """init "authors": every conv weight's std (mean over seeds) within 2% of the authors'
+    sqrt(2 / (k*k*out_channels)), heads at PyTorch's default, BN 1 / 0, conv biases PyTorch's."""
+    layers = _sidecar("init_layer")["layers"][model_name]
+    architecture = OUR_ARCHITECTURE[model_name]
+    stds = _mean_weight_stds(architecture, "authors")
+    assert set(stds) == set(INIT_LAYERS[model_name].values()), "a layer the fixture does not cover"
+    for theirs, ours in INIT_LAYERS[model_name].items():
+        theory = layers[theirs]["weight_std"]
+        assert stds[ours] == pytest.approx(theory, rel=0.02), f"{ours} ({theirs})"
+    torch.manual_seed(0)
+    model = build_model(architecture, 5, 32, init="authors")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+        if isinstance(module, nn.Conv2d) and module.bias is not None:  # Conv4: PyTorch's default
+            bound = 1 / (module.in_channels * module.kernel_size[0] * module.kernel_size[1]) ** 0.5
+            assert float(module.bias.detach().abs().max()) <= bound, name
+
+
+@pytest.mark.parametrize("model_name", list(INIT_LAYERS))
+def test_pytorch_init_is_not_the_authors(model_name: str) -> None:
+    """init "pytorch" keeps the defaults: every conv's std is more than 2% off the authors'."""
+    layers = _sidecar("init_layer")["layers"][model_name]
+    stds = _mean_weight_stds(OUR_ARCHITECTURE[model_name], "pytorch")
+    for theirs, ours in INIT_LAYERS[model_name].items():
+        if layers[theirs]["type"] == "Conv2d":
+            assert abs(stds[ours] / layers[theirs]["weight_std"] - 1) > 0.02, ours
+
+
+# -------------------------------------------------------------------------------- ResNet stem
+
+
+@pytest.mark.parametrize("size", [32, 84])
+def test_resnet_stem(size: int) -> None:
+    """resnet10-authors: a 3x3 stride-1 conv + BN stem without ReLU or max-pool (stage 1 at the
+    full resolution), the authors' stage shapes, and their parameter count."""
+    expected = _sidecar("resnet_stem")["shapes"]
+    torch.manual_seed(0)
+    model = build_model("resnet10-authors", 5, size).train()
+    blocks = [i for i, module in enumerate(model.features) if isinstance(module, BasicBlock)]
+    stem = list(model.features[: blocks[0]])
+    assert [type(module) for module in stem] == [nn.Conv2d, nn.BatchNorm2d]
+    conv = stem[0]
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (1, 1), (1, 1))
+    assert conv.bias is None
+    named = {"stem.conv": stem[0], "stem.bn": stem[1]}
+    named |= {f"stage{k + 1}": model.features[i] for k, i in enumerate(blocks)}
+    named |= {"avgpool": model.features[blocks[-1] + 1], "flatten": model.features[blocks[-1] + 2]}
+    named["head"] = model.head
+    shapes: dict[str, list[int]] = {}
+    stage1_input: list[torch.Tensor] = []
+    handles = [
+        module.register_forward_hook(
+            lambda _m, _i, out, key=key: shapes.__setitem__(key, list(out.shape))
+        )
+        for key, module in named.items()
+    ]
+    handles.append(
+        named["stage1"].register_forward_pre_hook(lambda _m, args: stage1_input.append(args[0]))
+    )
+    with torch.no_grad():
+        model(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    for handle in handles:
+        handle.remove()
+    assert shapes == expected[f"input_{size}"]
+    assert float(stage1_input[0].min()) < 0, "stage 1 sees a rectified stem (a ReLU after it)"
+    assert sum(p.numel() for p in model.parameters()) == expected["parameters"] == 4_900_677
