@@ -29,6 +29,10 @@ def test_unset_named_settings_follow_the_profile_and_explicit_ones_win() -> None
     assert explicit.start_accumulation == "doubled"
     assert explicit.departures() == {"start_accumulation": "doubled"}
     assert PurerSettings().departures() == {}
+    assert (PurerSettings().start_head, PurerSettings(fidelity="corrected").start_head) == (
+        "keep",
+        "zero",
+    )
     average = create_method("average", {"fidelity": "corrected"}).settings
     assert average.model_dump()["accumulation"] == "mean"  # records store the resolved value
 

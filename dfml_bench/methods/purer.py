@@ -38,7 +38,7 @@ from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
 from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
 from dfml_bench.inversion.settings import InversionSpeedSettings
 from dfml_bench.inversion.vectorised import StackedTeachers
-from dfml_bench.methods.average import Accumulation, average_of_zoo
+from dfml_bench.methods.average import Accumulation, FusedHead, average_of_zoo, set_head
 from dfml_bench.methods.base import (
     Checkpoint,
     MetaTrainContext,
@@ -57,7 +57,10 @@ class PurerSettings(InversionSpeedSettings, FidelitySettings):
     """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
-    PROFILE_VALUES = {"start_accumulation": {"authors": "doubled", "corrected": "mean"}}
+    PROFILE_VALUES = {
+        "start_accumulation": {"authors": "doubled", "corrected": "mean"},
+        "start_head": {"authors": "keep", "corrected": "zero"},
+    }
     iterations: int = Field(60_000, ge=1, description="meta-iterations (x meta_batch tasks)")
     meta_batch: int = Field(4, ge=1)
     inner_steps: int = Field(1, ge=1)
@@ -76,6 +79,9 @@ class PurerSettings(InversionSpeedSettings, FidelitySettings):
     adversarial_weight: float = Field(10.0, ge=0)
     start_accumulation: Accumulation | None = Field(
         None, description="zoo Average it starts from: doubled (authors' FedAvg) or mean"
+    )
+    start_head: FusedHead | None = Field(
+        None, description="head of the Average it starts from: keep (authors) or zero / reinit"
     )
     eval_interval: int | None = Field(
         500,
@@ -292,6 +298,11 @@ class Purer(Method):
         settings: PurerSettings = self.settings  # type: ignore[assignment]
         if self.architecture_mismatch(context) is None:
             model = average_of_zoo(context.zoo, spec, context.ways, settings.start_accumulation)
+            if settings.start_head == "reinit":
+                fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
+                set_head(model, "reinit", fresh)
+            else:
+                set_head(model, settings.start_head, model)  # keep, or zero in place
             self.timings.extra["init_from_average"] = 1.0
         else:
             model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
