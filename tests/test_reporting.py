@@ -150,7 +150,7 @@ def test_reference_ordering_fails_and_names_the_flipped_pair() -> None:
     ]
     comparison = reference_comparison(_paper(rows)).set_index("method")
     assert not comparison.loc["purer", "ordering_holds"]
-    assert comparison.loc["purer", "flipped_against"] == "DRO"
+    assert comparison.loc["purer", "flipped_against"] == "DRO-style"
     assert comparison.loc["random", "ordering_holds"]  # Random is still last
     assert "does not hold" in reference_markdown(_paper(rows))
 
