@@ -181,3 +181,10 @@ def test_table_notes_state_fine_tuning_profile_and_head_per_row() -> None:
     assert "1 step at lr 0.01 (Random, Average, PURER); 10 steps at lr 0.01 (FREE)" in note
     assert "Fidelity profile: authors (Average, PURER)" in note
     assert "Fused models: zero head (Average)" in note
+
+
+def test_the_former_checkpoints_setting_names_its_replacement() -> None:
+    from dfml_bench.errors import DfmlError
+
+    with pytest.raises(DfmlError, match="`checkpoints` was replaced by `eval_interval`"):
+        create_method("purer", {"iterations": 10, "checkpoints": 2})

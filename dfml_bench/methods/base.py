@@ -163,7 +163,13 @@ def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
     from dfml_bench.validation import validate_model
 
     cls = method_class(name)
-    return cls(validate_model(cls.Settings, settings or {}, f"settings of method {name!r}"))
+    settings = settings or {}
+    if "checkpoints" in settings and "checkpoints" not in cls.Settings.model_fields:
+        raise DfmlError(
+            f"settings of method {name!r}: `checkpoints` was replaced by `eval_interval` "
+            "(iterations or epochs between evaluations; null: the final model only)"
+        )
+    return cls(validate_model(cls.Settings, settings, f"settings of method {name!r}"))
 
 
 def _import_builtin_methods() -> None:
