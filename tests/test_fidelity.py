@@ -188,3 +188,16 @@ def test_the_former_checkpoints_setting_names_its_replacement() -> None:
 
     with pytest.raises(DfmlError, match="`checkpoints` was replaced by `eval_interval`"):
         create_method("purer", {"iterations": 10, "checkpoints": 2})
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "config").glob("fidelity-*.yaml"))
+)
+def test_ledger_configs_build_every_run(path: Path) -> None:
+    """Every run of the configs that measure docs/fidelity.md resolves to valid settings."""
+    from dfml_bench.config import all_runs, load_workflow_config
+
+    config = load_workflow_config(path)
+    for scenario, method, shots, seed in all_runs(config):
+        spec = run_spec(config, scenario, method, shots, seed)
+        create_method(spec.method, spec.method_settings)
