@@ -447,3 +447,63 @@ def test_resnet_stem(size: int) -> None:
     assert shapes == expected[f"input_{size}"]
     assert float(stage1_input[0].min()) < 0, "stage 1 sees a rectified stem (a ReLU after it)"
     assert sum(p.numel() for p in model.parameters()) == expected["parameters"] == 4_900_677
+
+
+# ------------------------------------------------------------------ PURER's ECI data step
+
+
+def _teacher(name: str, index: int, dtype: torch.dtype) -> nn.Module:
+    """Teacher `index` of a fixture in our Conv4 (running-stat BN), eval mode, as inverted."""
+    model = build_model("conv4", 5, 32).to(dtype)
+    state = {
+        key: _inputs(name)[f"teacher{index}.{role}"].to(
+            dtype if _inputs(name)[f"teacher{index}.{role}"].is_floating_point() else torch.int64
+        )
+        for role, key in _project_keys(name).items()
+    }
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_eci_data_step_terms_and_gradient_per_teacher(dtype: torch.dtype) -> None:
+    """Our DeepInversion loss (the ECI data step's per-teacher term) on the stored jittered block
+    of each teacher: every term, the logits, and the gradient reaching the pool. The authors'
+    objective weights teacher j by (N - j) (their running-sum quirk); we count each teacher once,
+    so block j of their pool gradient divided by (N - j) must be ours (fixture README)."""
+    from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss
+
+    name = "purer_eci_step"
+    fx, want = _inputs(name), _expected(name, dtype)
+    pool = fx["pool_before"].to(dtype).requires_grad_()
+    labels = fx["expected.pool_labels"]
+    teachers = len(fx["jitter_offsets"])
+    block = pool.shape[0] // teachers
+    tolerance = _loss_tolerance(dtype)
+    for j in range(teachers):
+        rows = slice(j * block, (j + 1) * block)
+        shift = tuple(int(offset) for offset in fx["jitter_offsets"][j])
+        jittered = torch.roll(pool[rows], shift, dims=(2, 3))
+        targets = labels[rows] - 5 * j  # the teacher's own (local) classes
+        loss = deep_inversion_loss(
+            _teacher(name, j, dtype), jittered, targets, DeepInversionWeights(), jitter=0
+        )
+        ce, bn, tv, l2 = loss.terms.tolist()
+        for term, value in (("ce", ce), ("bn", bn), ("tv", tv), ("l2", l2)):
+            reference = float(want[f"expected.teacher{j}.{term}"])
+            assert value == pytest.approx(reference, rel=tolerance["rtol"], abs=1e-12), term
+        expected_loss = want[f"expected.teacher{j}.loss"].to(dtype)
+        torch.testing.assert_close(loss.total.detach(), expected_loss, **tolerance)
+        logits_tolerance = tolerance if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+        torch.testing.assert_close(
+            loss.logits.detach(), want[f"expected.teacher{j}.logits"].to(dtype), **logits_tolerance
+        )
+        (gradient,) = torch.autograd.grad(loss.total, pool)
+        reference = want["expected.pool_grad"][rows].to(dtype) / (teachers - j)
+        if dtype == torch.float64:
+            torch.testing.assert_close(gradient[rows], reference, rtol=1e-9, atol=1e-11)
+        else:
+            error = float((gradient[rows] - reference).norm() / reference.norm())
+            assert error <= 1e-3, f"teacher {j}: pool gradient off by {error:.2e}"
+        assert (
+            float(gradient[: j * block].abs().sum() + gradient[(j + 1) * block :].abs().sum()) == 0
+        )

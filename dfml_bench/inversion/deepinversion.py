@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfml_bench.inversion.precision import at_least_float32
+
 
 @dataclass
 class BNStatistics:
@@ -50,7 +52,7 @@ def _bn_matching_loss(module: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Ten
     unbiased ones; for a real batch (n = N*H*W values per channel) the n/(n-1) gap is negligible.
     """
     # under bfloat16 autocast: statistics in float32 all the same
-    mean, var = channel_statistics(inputs.float())
+    mean, var = channel_statistics(at_least_float32(inputs))
     return torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(
         var - module.running_var
     )
@@ -231,7 +233,7 @@ def deep_inversion_loss(
             with bn_feature_statistics(teacher) as statistics:
                 logits = teacher(teacher_input)
             bn = statistics.total()
-        logits = logits.float()
+        logits = at_least_float32(logits)
         ce = F.cross_entropy(logits, targets)
     tv = total_variation(jittered)
     l2 = l2_prior(jittered)

@@ -23,3 +23,9 @@ def inversion_autocast(
     if precision == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    """Half-precision results of an autocast region back in float32 for losses and statistics;
+    float32 and float64 pass unchanged (a plain `.float()` would round float64 down)."""
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values

@@ -35,6 +35,7 @@ from dfml_bench.inversion.deepinversion import (
     l2_prior,
     total_variation,
 )
+from dfml_bench.inversion.precision import at_least_float32
 
 InversionStrategy = Literal["auto", "loop", "vectorised"]
 
@@ -124,9 +125,9 @@ class _TeacherGroup:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher's unweighted terms [ce, bn, tv, l2] and logits (vmapped over teachers)."""
         self.bn_losses.clear()
-        logits = functional_call(
-            self.base, (params, buffers), (fit_to_teacher(self.base, jittered),)
-        ).float()
+        logits = at_least_float32(
+            functional_call(self.base, (params, buffers), (fit_to_teacher(self.base, jittered),))
+        )
         if self.collect_bn:
             bn = torch.stack(self.bn_losses).sum()
         else:
