@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,16 @@ def ss_run_spec(
         cache_dir=None,
         device="cpu",
     )
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: tiny tensors on a shared 2-core machine gain nothing from two, and
+    results stay reproducible (`pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

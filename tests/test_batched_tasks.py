@@ -6,8 +6,6 @@ tiny batches amplifies float32 rounding (the sequential float32 loop itself drif
 float64 after a few steps), so only float64 separates a real mismatch from rounding.
 """
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -37,12 +35,7 @@ CPU = torch.device("cpu")
 ICFIL = IcfilSettings(pseudo_per_class=1, inversion_steps=2, calibration_steps=1)
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model(dtype: torch.dtype = torch.float64, size: int = SIZE) -> nn.Module:

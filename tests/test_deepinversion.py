@@ -1,5 +1,3 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,14 +15,7 @@ from dfml_bench.inversion import (
 )
 from dfml_bench.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """These tensors are tiny: with a busy CPU, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _teacher(architecture: str = "conv4", image_size: int = 32, classes: int = 5) -> nn.Module:

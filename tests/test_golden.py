@@ -81,13 +81,7 @@ def _project_keys(name: str) -> dict[str, str]:
     return {row["role"]: row["project"] for row in _sidecar(name)["key_map"]}
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One thread: these small kernels gain little from two, and results stay reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @contextmanager

@@ -1,5 +1,4 @@
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,13 +23,7 @@ from tests.conftest import TOY
 WAYS = 5
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """These tensors are tiny: with a busy CPU, intra-op threads cost far more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _meta_model(architecture: str = "conv4") -> nn.Module:

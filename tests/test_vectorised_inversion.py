@@ -1,8 +1,6 @@
 """Zoo-vectorised DeepInversion equals the per-teacher loop: loss terms, image gradients, jitter,
 the strategy choice, and PURER's data step and FREE's generator adaptation under both."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -20,13 +18,7 @@ from dfml_bench.zoo.manifest import Zoo
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _teacher(architecture: str, classes: int, image_size: int, seed: int) -> nn.Module:

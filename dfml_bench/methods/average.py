@@ -81,13 +81,15 @@ def head_names(model: nn.Module) -> set[str]:
     return {f"head.{name}" for name, _ in model.head.named_parameters()}
 
 
-def set_head(model: nn.Module, head: FusedHead, fresh: nn.Module) -> nn.Module:
-    """Replace a fused model's head in place: kept, zeroed, or `fresh`'s (a new init)."""
+def set_head(model: nn.Module, head: FusedHead, spec: MetaModelSpec, ways: int) -> nn.Module:
+    """Replace a fused model's head in place: kept, zeroed, or a fresh meta-model's (`reinit`,
+    drawn from the global RNG: seed it first)."""
     with torch.no_grad():
         if head == "zero":
             for parameter in model.head.parameters():
                 parameter.zero_()
         elif head == "reinit":
+            fresh = build_model(spec.architecture, ways, spec.image_size, spec.init)
             model.head.load_state_dict(fresh.head.state_dict())
     return model
 
@@ -107,8 +109,7 @@ class Average(Method):
         torch.manual_seed(context.seed)  # the fresh head of `reinit`
         spec = context.meta_model
         model = average_of_zoo(context.zoo, spec, context.ways, settings.accumulation)
-        fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
-        set_head(model, settings.head, fresh)
+        set_head(model, settings.head, spec, context.ways)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))
 
 

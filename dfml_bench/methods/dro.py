@@ -52,7 +52,6 @@ from dfml_bench.methods.base import (
     register_method,
 )
 from dfml_bench.methods.purer import load_teachers
-from dfml_bench.models import build_model
 from dfml_bench.resume import load_snapshot, snapshot
 
 
@@ -173,7 +172,6 @@ class Dro(Method):
         ).to(context.device)
         trainable = [parameter for parameter in fusion.parameters() if parameter.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-        fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
         self.history: list[dict[str, float]] = []
         evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
 
@@ -242,7 +240,8 @@ class Dro(Method):
                 with torch.no_grad():
                     for name, value in fusion.centre().items():
                         fused.get_parameter(name).copy_(value)
-                set_head(fused, settings.head, fresh)
+                torch.manual_seed(context.seed)  # `reinit`: the same fresh head every time
+                set_head(fused, settings.head, spec, context.ways)
                 self.timings.extra["final_objective"] = objective
                 yield Checkpoint(iteration=iteration, model=fused)
             context.resume.step(iteration, state, force=iteration in evaluate_at)

@@ -171,6 +171,5 @@ class Ota(Method):
         head = average_state_dicts([{k: v for k, v in s.items() if k in heads} for s in matching])
         model.load_state_dict({**backbone, **head})
         torch.manual_seed(context.seed)  # the fresh head of `reinit`
-        fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
-        set_head(model, settings.head, fresh)
+        set_head(model, settings.head, spec, context.ways)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))

@@ -298,11 +298,7 @@ class Purer(Method):
         settings: PurerSettings = self.settings  # type: ignore[assignment]
         if self.architecture_mismatch(context) is None:
             model = average_of_zoo(context.zoo, spec, context.ways, settings.start_accumulation)
-            if settings.start_head == "reinit":
-                fresh = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
-                set_head(model, "reinit", fresh)
-            else:
-                set_head(model, settings.start_head, model)  # keep, or zero in place
+            set_head(model, settings.start_head, spec, context.ways)
             self.timings.extra["init_from_average"] = 1.0
         else:
             model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)

@@ -8,8 +8,9 @@ the best data-free result of each column in bold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -241,14 +242,14 @@ def table_note(rows: pd.DataFrame, protocol: str) -> str:
     return " ".join(part for part in parts if part)
 
 
-def _grouped(rows: pd.DataFrame, column: str, describe: object) -> list[str]:
+def _grouped(rows: pd.DataFrame, column: str, describe: Callable[[Any], str]) -> list[str]:
     """'<value>: Method, Method' per distinct value of `column` (rows where it is set)."""
     groups: dict[str, list[str]] = {}
     present = rows.dropna(subset=[column]) if column in rows else rows.iloc[0:0]
     for method in sorted(present["method"].unique(), key=method_rank):
         values = present.loc[present["method"] == method, column].unique()
         for value in values:
-            groups.setdefault(describe(value), []).append(method_display(method))  # type: ignore[operator]
+            groups.setdefault(describe(value), []).append(method_display(method))
     return [f"{label} ({', '.join(methods)})" for label, methods in groups.items()]
 
 
