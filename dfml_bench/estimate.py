@@ -301,7 +301,8 @@ class _RunCosts:
         ways, inner = evaluation.ways, evaluation.inner_steps
         task = _task_images(ways, shots, evaluation.queries, inner)
         test_task = task
-        if method in ("purer", "purer-no-eci") or evaluation.icfil.enabled:
+        switch = evaluation.icfil.enabled
+        if method_class(method).uses_icfil if switch is None else switch:
             icfil = evaluation.icfil
             pseudo = ways * icfil.pseudo_per_class
             test_task += icfil.inversion_steps * pseudo

@@ -94,7 +94,8 @@ def execute_run(
 
     # ICFIL runs on every checkpoint's test tasks (the paper protocol maximises over them); the
     # same pass also scores plain fine-tuning. Meta-val selection uses plain fine-tuning.
-    icfil = method.uses_icfil or spec.evaluation.icfil.enabled
+    switch = spec.evaluation.icfil.enabled
+    icfil = method.uses_icfil if switch is None else switch
     run = RunProgress.restore(checkpointer, method, spec, resume_dir)
     checkpointer.progress_state = run.state
 

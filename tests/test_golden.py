@@ -32,6 +32,7 @@ from dfml_bench.evaluation.adaptation import (
     parameters_of,
     use_batch_statistics,
 )
+from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import ModelInit, build_model
 from dfml_bench.models.resnet import BasicBlock
@@ -501,3 +502,149 @@ def test_eci_data_step_terms_and_gradient_per_teacher(dtype: torch.dtype) -> Non
         assert (
             float(gradient[: j * block].abs().sum() + gradient[(j + 1) * block :].abs().sum()) == 0
         )
+
+
+def _authors_pool(name: str, dtype: torch.dtype) -> tuple[PseudoImagePool, torch.Tensor]:
+    """Our pool holding the fixture's `pool_before`, and `order`: our flat row r is the authors'
+    row order[r]. Their block cycles classes (0, 1, .., 4, 0, ..), ours keeps each class's
+    images together, so rows are permuted within each teacher's block."""
+    fx = _inputs(name)
+    teachers, ways = len(fx["jitter_offsets"]), 5
+    per_class = fx["pool_before"].shape[0] // (teachers * ways)
+    pool = PseudoImagePool(
+        [list(range(ways * j, ways * (j + 1))) for j in range(teachers)], per_class, 32
+    ).to(dtype)
+    within = torch.tensor([p * ways + c for c in range(ways) for p in range(per_class)])
+    order = torch.cat([j * ways * per_class + within for j in range(teachers)])
+    images = fx["pool_before"].to(dtype)[order]
+    with torch.no_grad():
+        for j, block in enumerate(pool.blocks):
+            block.copy_(images[j * ways * per_class : (j + 1) * ways * per_class])
+    assert torch.equal(pool.absolute_labels, fx["expected.pool_labels"][order])
+    return pool, order
+
+
+def _pool_gradient(pool: PseudoImagePool) -> torch.Tensor:
+    return torch.cat([block.grad for block in pool.blocks])
+
+
+def _assert_pool_gradient(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    else:
+        error = float((got - want).norm() / want.norm())
+        assert error <= 1e-3, f"pool gradient off by {error:.2e} (relative norm)"
+
+
+@pytest.mark.parametrize("weighting", ["cumulative", "plain"])
+def test_eci_data_step_weights_teachers_as_the_authors(weighting: str, dtype: torch.dtype) -> None:
+    """The whole ECI data step (our eci_data_step, stored jitter): with the authors' cumulative
+    weighting the objective, the pool gradient and the pool after a fresh Adam(0.25) step are
+    theirs; with the plain sum, block j's gradient is theirs divided by (N - j)."""
+    from dfml_bench.inversion import DeepInversionWeights, eci_teacher_weights
+    from dfml_bench.methods.purer import eci_data_step
+
+    name = "purer_eci_step"
+    fx, want = _inputs(name), _expected(name, dtype)
+    pool, order = _authors_pool(name, dtype)
+    teachers = [_teacher(name, j, dtype) for j in range(len(fx["jitter_offsets"]))]
+    optimizer = torch.optim.Adam(pool.parameters(), lr=0.25)
+    inversion = eci_data_step(
+        teachers,
+        pool,
+        optimizer,
+        DeepInversionWeights(),
+        2,
+        torch.Generator(),
+        teacher_weights=eci_teacher_weights(len(teachers), weighting),
+        shifts=fx["jitter_offsets"],
+    )
+    expected_gradient = want["expected.pool_grad"].to(dtype)[order]
+    if weighting == "cumulative":
+        torch.testing.assert_close(
+            inversion.total.detach(), want["expected.objective"].to(dtype), **_loss_tolerance(dtype)
+        )
+    else:
+        block = expected_gradient.shape[0] // len(teachers)
+        scale = torch.tensor([len(teachers) - j for j in range(len(teachers))], dtype=dtype)
+        expected_gradient = expected_gradient / scale.repeat_interleave(block).view(-1, 1, 1, 1)
+    _assert_pool_gradient(_pool_gradient(pool), expected_gradient, dtype)
+    if dtype == torch.float32 and weighting == "cumulative":
+        # a fresh Adam's first step is lr x sign(gradient): entries whose gradient is rounding
+        # noise may land on the other side (README: atol 2 x lr), the rest agree to 1e-5
+        after = torch.cat([block.detach() for block in pool.blocks])
+        difference = (after - fx["expected.pool_after"][order]).abs()
+        assert float(difference.max()) <= 2 * 0.25
+        assert float((difference > 1e-5).float().mean()) < 1e-3
+
+
+def test_eci_adversarial_step_matches_the_authors(dtype: torch.dtype) -> None:
+    """The curriculum's data step: cumulative DeepInversion objective minus 10 x the meta-model's
+    second-order MAML query loss on a pseudo task built from the pool without detaching it; the
+    gradient reaches the pool through the support and the query images."""
+    from dfml_bench.inversion import DeepInversionWeights, eci_teacher_weights
+    from dfml_bench.methods.purer import Adversary, eci_data_step
+
+    name = "purer_eci_adv_step"
+    fx, want = _inputs(name), _expected(name, dtype)
+    pool, order = _authors_pool(name, dtype)
+    teachers = [_teacher(name, j, dtype) for j in range(len(fx["jitter_offsets"]))]
+    ours_of_theirs = torch.argsort(order)
+    flat = torch.cat(list(pool.blocks))
+    task = Task(
+        flat[ours_of_theirs[fx["expected.adv.support_rows"]]],
+        fx["expected.adv.support_labels"],
+        flat[ours_of_theirs[fx["expected.adv.query_rows"]]],
+        fx["expected.adv.query_labels"],
+    )
+    meta = _meta_model(name, dtype)
+    outer, accuracy = maml_outer_loss(meta, dict(meta.named_parameters()), [task], 1, INNER_LR)
+    torch.testing.assert_close(
+        outer.detach(), want["expected.adv.outer_loss"].to(dtype), **_loss_tolerance(dtype)
+    )
+    assert accuracy == pytest.approx(float(want["expected.adv.outer_accuracy"]), abs=1e-4)
+
+    adversary = Adversary(meta, 10.0, 1, INNER_LR, task)
+    inversion = eci_data_step(
+        teachers,
+        pool,
+        torch.optim.Adam(pool.parameters(), lr=0.25),
+        DeepInversionWeights(),
+        2,
+        torch.Generator(),
+        adversary,
+        teacher_weights=eci_teacher_weights(len(teachers), "cumulative"),
+        shifts=fx["jitter_offsets"],
+    )
+    torch.testing.assert_close(
+        inversion.total.detach(), want["expected.di_objective"].to(dtype), **_loss_tolerance(dtype)
+    )
+    expected_gradient = want["expected.pool_grad"].to(dtype)[order]
+    _assert_pool_gradient(_pool_gradient(pool), expected_gradient, dtype)
+    assert all(param.grad is None for param in meta.parameters()), "the meta-model moved"
+
+
+# ------------------------------------------------------------------ PURER's curriculum trigger
+
+CURRICULUM_CASES = [
+    (case, sequence)
+    for case, content in _sidecar("purer_curriculum")["cases"].items()
+    for sequence in content["sequences"]
+]
+
+
+@pytest.mark.parametrize(("case", "sequence"), CURRICULUM_CASES)
+def test_curriculum_trigger_matches_the_authors(case: str, sequence: str) -> None:
+    """Which meta-iterations' data steps are adversarial, replaying the stored training
+    accuracies through our CurriculumSwitch (the authors' trigger): forced at adv_start, strict
+    improvement, reference cleared after each fire."""
+    from dfml_bench.methods.purer import CurriculumSwitch
+
+    content = _sidecar("purer_curriculum")["cases"][case]
+    accuracies = content["sequences"][sequence]["accuracies"]
+    switch = CurriculumSwitch(content["adv_start"], content["patience"], "authors")
+    fired = [i for i, accuracy in enumerate(accuracies, 1) if switch.update(i, accuracy)]
+    # the flag set at the end of iteration i makes the data step of iteration i + 1 adversarial
+    adversarial = [i + 1 for i in fired if i + 1 <= len(accuracies)]
+    assert adversarial == content["sequences"][sequence]["adversarial_data_steps"]
+    assert fired[1:] == content["sequences"][sequence]["plateau_triggers_printed"]

@@ -85,15 +85,36 @@ def test_pool_tasks_have_disjoint_support_and_query_and_labels_0_to_n() -> None:
         pool.sample_task(5, 10, 15, torch.Generator().manual_seed(0))
 
 
-def test_curriculum_fires_on_a_plateau_and_not_before_the_start() -> None:
-    switch = CurriculumSwitch(start=10, patience=3)
+def test_curriculum_all_time_best_fires_on_a_plateau_and_not_before_the_start() -> None:
+    switch = CurriculumSwitch(start=10, patience=3, trigger="all-time-best")
     fired = [switch.update(i, 50.0 if i > 1 else 10.0) for i in range(1, 20)]
     # accuracy stops improving at iteration 2; plateau long enough from iteration 5 on, but the
     # switch may only fire from the start iteration 10, then again after each `patience` plateau
     assert fired.index(True) + 1 == 10
     assert [i + 1 for i, f in enumerate(fired) if f] == [10, 13, 16, 19]
-    rising = CurriculumSwitch(start=0, patience=2)
+    rising = CurriculumSwitch(start=0, patience=2, trigger="all-time-best")
     assert not any(rising.update(i, float(i)) for i in range(1, 30))
+
+
+def test_curriculum_authors_fires_at_the_start_and_restarts_its_reference() -> None:
+    rising = CurriculumSwitch(start=5, patience=2)
+    assert [i for i in range(1, 30) if rising.update(i, float(i))] == [5]  # forced, once
+    falling = CurriculumSwitch(start=3, patience=2)
+    # after a fire the next accuracy becomes the reference, however low
+    assert [i for i in range(1, 15) if falling.update(i, 100.0 - i)] == [3, 6, 9, 12]
+
+
+def test_curriculum_state_survives_a_restart() -> None:
+    accuracies = [30.0, 31.0, 31.0, 29.0, 32.0, 32.0, 32.0, 30.0, 30.0, 33.0, 30.0, 30.0]
+    straight = CurriculumSwitch(start=2, patience=2)
+    expected = [straight.update(i, a) for i, a in enumerate(accuracies, 1)]
+    first, fired = CurriculumSwitch(start=2, patience=2), []
+    for i, a in enumerate(accuracies[:6], 1):
+        fired.append(first.update(i, a))
+    second = CurriculumSwitch(start=2, patience=2)
+    second.load(first.state())
+    fired += [second.update(i, a) for i, a in enumerate(accuracies[6:], 7)]
+    assert fired == expected
 
 
 def test_evaluations_follow_the_interval_and_end_at_the_last_iteration() -> None:

@@ -112,7 +112,7 @@ def evaluate(
     """
     if settings.inner_steps is None or settings.inner_lr is None:
         raise ValueError("evaluation settings without inner_steps/inner_lr: resolve them first")
-    use_icfil = settings.icfil.enabled if icfil is None else icfil
+    use_icfil = bool(settings.icfil.enabled) if icfil is None else icfil
     episodes = settings.episodes if split == "test" else settings.val_episodes
     episode_seed = seed if split == "test" else seed + VAL_SEED_OFFSET
     if draw:  # a fresh set of test tasks (the paper protocol's periodic evaluations)

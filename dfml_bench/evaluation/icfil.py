@@ -66,7 +66,11 @@ class IcfilSettings(BaseModel):
     """ICFIL at meta-test; the defaults keep it cheap enough for 600 CPU tasks."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = False
+    enabled: bool | None = Field(
+        None,
+        description="None: the method decides (PURER and purer-no-eci calibrate); "
+        "true / false: on or off for every method",
+    )
     pseudo_per_class: int = Field(2, ge=1)
     inversion_steps: int = Field(10, ge=0)
     inversion_lr: float = Field(0.1, gt=0)

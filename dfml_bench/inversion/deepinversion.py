@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -169,9 +170,6 @@ class InversionLoss:
     def l2(self) -> float:
         return self.values()[3]
 
-    def __add__(self, other: InversionLoss) -> InversionLoss:
-        return InversionLoss(self.total + other.total, self.terms + other.terms)
-
     def __repr__(self) -> str:
         ce, bn, tv, l2 = self.values()
         return f"InversionLoss(ce={ce:.4g}, bn={bn:.4g}, tv={tv:.4g}, l2={l2:.4g})"
@@ -264,15 +262,50 @@ def deep_inversion_loss_over_teachers(
     weights: DeepInversionWeights | None = None,
     jitter: int = 2,
     generator: torch.Generator | None = None,
+    teacher_weights: Sequence[float] | None = None,
+    shifts: torch.Tensor | None = None,
 ) -> InversionLoss:
     """The sum of `deep_inversion_loss` over teachers, each with its own images and local targets:
-    the objective of one ECI data step, which updates the pseudo images of every teacher at once."""
+    the objective of one ECI data step, which updates the pseudo images of every teacher at once.
+
+    `teacher_weights` scales each teacher's total (default 1 each; `eci_teacher_weights`), the
+    unweighted `terms` stay plain sums. `shifts` [teachers, 2] replaces the jitter draws (a
+    recorded step replayed); otherwise one draw per teacher, in order."""
     check_one_per_teacher(len(teachers), images_per_teacher, targets_per_teacher)
-    losses = [
-        deep_inversion_loss(teacher, images, targets, weights, jitter, generator)
-        for teacher, images, targets in zip(teachers, images_per_teacher, targets_per_teacher)
-    ]
-    total = losses[0]
-    for loss in losses[1:]:
-        total = total + loss
-    return total
+    scales = check_teacher_weights(len(teachers), teacher_weights)
+    losses = []
+    for index, (teacher, images, targets) in enumerate(
+        zip(teachers, images_per_teacher, targets_per_teacher)
+    ):
+        if shifts is None:
+            loss = deep_inversion_loss(teacher, images, targets, weights, jitter, generator)
+        else:
+            rolled = torch.roll(images, shifts=tuple(shifts[index].tolist()), dims=(-2, -1))
+            loss = deep_inversion_loss(teacher, rolled, targets, weights, jitter=0)
+        losses.append(loss)
+    total = torch.stack([scale * loss.total for scale, loss in zip(scales, losses)]).sum()
+    return InversionLoss(total, torch.stack([loss.terms for loss in losses]).sum(0))
+
+
+def check_teacher_weights(teachers: int, teacher_weights: Sequence[float] | None) -> list[float]:
+    """One non-negative weight per teacher (all 1 when none are given)."""
+    if teacher_weights is None:
+        return [1.0] * teachers
+    if len(teacher_weights) != teachers or any(w < 0 for w in teacher_weights):
+        raise ValueError(
+            f"give one non-negative weight per teacher: {teachers} teachers, "
+            f"weights {list(teacher_weights)}"
+        )
+    return [float(w) for w in teacher_weights]
+
+
+TeacherWeighting = Literal["cumulative", "plain"]
+
+
+def eci_teacher_weights(teachers: int, weighting: TeacherWeighting) -> list[float]:
+    """Per-teacher weights of ECI's inversion objective. `plain`: each teacher once (the paper's
+    sum). `cumulative`: teacher j (0-based) weighted N - j, as the authors' main.py computes it
+    (it adds a running sum of the teachers' losses to the objective after every teacher)."""
+    if weighting == "plain":
+        return [1.0] * teachers
+    return [float(teachers - j) for j in range(teachers)]

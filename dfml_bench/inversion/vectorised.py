@@ -30,6 +30,7 @@ from dfml_bench.inversion.deepinversion import (
     InversionLoss,
     _bn_matching_loss,
     check_one_per_teacher,
+    check_teacher_weights,
     draw_shift,
     fit_to_teacher,
     l2_prior,
@@ -212,6 +213,7 @@ class StackedTeachers:
         generator: torch.Generator | None = None,
         indices: Sequence[int] | None = None,
         shifts: torch.Tensor | None = None,
+        teacher_weights: Sequence[float] | None = None,
     ) -> tuple[InversionLoss, list[torch.Tensor]]:
         """`deep_inversion_loss_over_teachers` in one vmapped call per group, plus each teacher's
         logits (FREE's adversarial term needs them).
@@ -219,10 +221,12 @@ class StackedTeachers:
         `indices` names the teacher of each image tensor (default: all, in order). `shifts`
         [len, 2] replaces the jitter draws when a caller must draw them earlier (FREE keeps the
         loop's RNG order that way); otherwise one `draw_shift` per teacher, in order.
+        `teacher_weights` scales each position's total, as in the loop.
         """
         weights = weights or DeepInversionWeights()
         indices = list(range(len(self))) if indices is None else list(indices)
         check_one_per_teacher(len(indices), images_per_teacher, targets_per_teacher)
+        scales = torch.tensor(check_teacher_weights(len(indices), teacher_weights))
         if shifts is None:
             shifts = draw_jitter_shifts(len(indices), jitter, generator)
         totals, terms = [], []
@@ -238,7 +242,8 @@ class StackedTeachers:
             targets = torch.stack([targets_per_teacher[p] for p in batch.positions])
             rows = [batch.group.row[indices[p]] for p in batch.positions]
             total, term, logit = batch.group.loss(rows, images, targets, weights)
-            totals.append(total.sum())
+            scale = scales[batch.positions].to(device=total.device, dtype=total.dtype)
+            totals.append((scale * total).sum())
             terms.append(term.detach().sum(0))
             for position, value in zip(batch.positions, logit.unbind(0)):
                 logits[position] = value

@@ -18,13 +18,14 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
@@ -32,7 +33,9 @@ from dfml_bench.fidelity import FidelitySettings
 from dfml_bench.inversion import (
     DeepInversionWeights,
     InversionLoss,
+    TeacherWeighting,
     deep_inversion_loss_over_teachers,
+    eci_teacher_weights,
 )
 from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
 from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
@@ -52,6 +55,8 @@ from dfml_bench.resume import load_snapshot, snapshot
 
 PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 queries otherwise)
 
+CurriculumTrigger = Literal["authors", "all-time-best"]
+
 
 class PurerSettings(InversionSpeedSettings, FidelitySettings):
     """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
@@ -60,6 +65,7 @@ class PurerSettings(InversionSpeedSettings, FidelitySettings):
     PROFILE_VALUES = {
         "start_accumulation": {"authors": "doubled", "corrected": "mean"},
         "start_head": {"authors": "keep", "corrected": "zero"},
+        "teacher_weighting": {"authors": "cumulative", "corrected": "plain"},
     }
     iterations: int = Field(60_000, ge=1, description="meta-iterations (x meta_batch tasks)")
     meta_batch: int = Field(4, ge=1)
@@ -74,9 +80,22 @@ class PurerSettings(InversionSpeedSettings, FidelitySettings):
     tv_weight: float = Field(1e-4, ge=0)
     l2_weight: float = Field(1e-5, ge=0)
     jitter: int = Field(2, ge=0)
-    curriculum_start: int = Field(4000, ge=0)
+    curriculum_start: int = Field(
+        4000, ge=0, description="meta-iteration after which the first adversarial step runs"
+    )
     curriculum_patience: int = Field(6, ge=1)
+    curriculum_trigger: CurriculumTrigger = Field(
+        "authors",
+        description="authors: fire at curriculum_start, then after `patience` iterations "
+        "without a strict improvement since the last fire; all-time-best: never forced, "
+        "plateaus measured against the best accuracy since iteration 1",
+    )
     adversarial_weight: float = Field(10.0, ge=0)
+    teacher_weighting: TeacherWeighting | None = Field(
+        None,
+        description="inversion objective: teacher j weighted N - j (cumulative, the authors' "
+        "running sum) or each teacher once (plain, the paper's sum)",
+    )
     start_accumulation: Accumulation | None = Field(
         None, description="zoo Average it starts from: doubled (authors' FedAvg) or mean"
     )
@@ -92,33 +111,59 @@ class PurerSettings(InversionSpeedSettings, FidelitySettings):
 
 
 class CurriculumSwitch:
-    """Fires (the next data step is adversarial) from `start` on, each time the training accuracy
-    has not improved for `patience` meta-iterations; the plateau count restarts after firing."""
+    """When ECI's next data step is adversarial, from the meta-model's training accuracy.
 
-    def __init__(self, start: int, patience: int) -> None:
-        self.start, self.patience = start, patience
-        self.best = float("-inf")
+    `authors` (their main.py): fires at the end of iteration `start` whatever the accuracy; from
+    then on it fires when `patience` iterations in a row bring no STRICT improvement over the
+    reference, which restarts empty after each fire (the next accuracy becomes it).
+    `all-time-best`: never forced; tracks the best accuracy from iteration 1, never resets it, and
+    past `start` fires every `patience` iterations while the accuracy stays below it.
+    """
+
+    def __init__(self, start: int, patience: int, trigger: CurriculumTrigger = "authors") -> None:
+        self.start, self.patience, self.trigger = start, patience, trigger
+        self.best: float | None = None
         self.stale = 0
 
     def update(self, iteration: int, accuracy: float) -> bool:
-        if accuracy > self.best:
+        """Record iteration `iteration`'s accuracy (1-based); True: the next data step is
+        adversarial."""
+        if self.trigger == "authors":
+            if iteration == self.start:
+                return True
+            if iteration < self.start:
+                return False
+        if self.best is None or accuracy > self.best:
             self.best, self.stale = accuracy, 0
-        else:
-            self.stale += 1
+            return False
+        self.stale += 1
         if iteration >= self.start and self.stale >= self.patience:
             self.stale = 0
+            if self.trigger == "authors":
+                self.best = None
             return True
         return False
+
+    def state(self) -> list[float | int | None]:
+        return [self.best, self.stale]
+
+    def load(self, state: list[float | int | None]) -> None:
+        best, stale = state
+        # resume states written before the reference could be empty stored -inf for "none yet"
+        self.best = None if best is None or best == float("-inf") else float(best)
+        self.stale = int(stale)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
 class Adversary:
-    """The curriculum's extra objective: maximise this meta-model's MAML outer loss."""
+    """The curriculum's extra objective: maximise this meta-model's MAML outer loss on a pseudo
+    task drawn from the pool (or on `task`, built from the pool without detaching it)."""
 
     model: nn.Module
     weight: float
     inner_steps: int
     inner_lr: float
+    task: Task | None = None
 
 
 def eci_data_step(
@@ -131,26 +176,36 @@ def eci_data_step(
     adversary: Adversary | None = None,
     task_shape: tuple[int, int, int] = (5, 1, 15),
     precision: InversionPrecision = "float32",
+    teacher_weights: Sequence[float] | None = None,
+    shifts: torch.Tensor | None = None,
 ) -> InversionLoss:
-    """One Adam step on the pool: the DeepInversion loss summed over teachers (each on its own
-    block), minus `adversary.weight` x the meta-model's outer loss on a pseudo task of
-    `task_shape` (ways, shots, queries) when an adversary is given. Only the pool changes.
+    """One Adam step on the pool: the DeepInversion loss over teachers (each on its own block,
+    scaled by `teacher_weights`, see `eci_teacher_weights`), minus `adversary.weight` x the
+    meta-model's outer loss on a pseudo task of `task_shape` (ways, shots, queries) when an
+    adversary is given. Only the pool changes. `shifts` replays recorded jitter offsets.
 
     Stacked teachers compute the same loss in one vmapped call per architecture; a list of
     teachers inverts them one by one (the reference, and the faster path on a CPU)."""
     optimizer.zero_grad(set_to_none=True)
+    blocks, targets = list(pool.blocks), pool.local_labels
     with inversion_autocast(precision, pool.blocks[0].device):
         if isinstance(teachers, StackedTeachers):
             inversion, _ = teachers.loss(
-                list(pool.blocks), pool.local_labels, weights, jitter, generator
+                blocks,
+                targets,
+                weights,
+                jitter,
+                generator,
+                shifts=shifts,
+                teacher_weights=teacher_weights,
             )
         else:
             inversion = deep_inversion_loss_over_teachers(
-                teachers, list(pool.blocks), pool.local_labels, weights, jitter, generator
+                teachers, blocks, targets, weights, jitter, generator, teacher_weights, shifts
             )
     objective = inversion.total
     if adversary is not None:
-        task = pool.sample_task(*task_shape, generator, detach=False)
+        task = adversary.task or pool.sample_task(*task_shape, generator, detach=False)
         params = {k: v.detach().requires_grad_() for k, v in adversary.model.named_parameters()}
         outer, _ = maml_outer_loss(
             adversary.model, params, [task], adversary.inner_steps, adversary.inner_lr
@@ -197,10 +252,15 @@ class Purer(Method):
         data_optimizer = torch.optim.Adam(pool.parameters(), lr=settings.pool_lr)
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
         switch = (
-            CurriculumSwitch(settings.curriculum_start, settings.curriculum_patience)
+            CurriculumSwitch(
+                settings.curriculum_start,
+                settings.curriculum_patience,
+                settings.curriculum_trigger,
+            )
             if self.curriculum
             else None
         )
+        teacher_weights = eci_teacher_weights(len(context.zoo.teachers), settings.teacher_weighting)
         evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
         adversarial, adversarial_steps = False, 0
         self.timings.extra["pseudo_images"] = float(pool.num_images)
@@ -215,7 +275,7 @@ class Purer(Method):
 
         def state() -> dict[str, object]:
             return snapshot(stateful) | {
-                "curriculum": None if switch is None else [switch.best, switch.stale],
+                "curriculum": None if switch is None else switch.state(),
                 "adversarial": [adversarial, adversarial_steps],
             }
 
@@ -225,7 +285,7 @@ class Purer(Method):
             done, saved = restored
             load_snapshot(stateful, saved)
             if switch is not None:
-                switch.best, switch.stale = saved["curriculum"]
+                switch.load(saved["curriculum"])
             adversarial, adversarial_steps = saved["adversarial"]
 
         progress = tqdm(
@@ -254,6 +314,7 @@ class Purer(Method):
                 adversary,
                 (context.ways, context.shots, settings.queries),
                 settings.inversion_precision,
+                teacher_weights,
             )
             synchronize(device)
             self.timings.recovery_seconds += time.perf_counter() - started
