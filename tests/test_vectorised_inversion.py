@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss_over_teachers
+from dfml_bench.inversion import (
+    DeepInversionWeights,
+    TeacherWeighting,
+    deep_inversion_loss_over_teachers,
+    eci_teacher_weights,
+)
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.inversion.vectorised import StackedTeachers, resolve_strategy, roll_each
@@ -59,21 +64,25 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("zoo", list(ZOOS))
 @pytest.mark.parametrize("jitter", [0, 2])
-def test_vectorised_loss_and_image_gradients_equal_the_loop(zoo: str, jitter: int) -> None:
+@pytest.mark.parametrize("weighting", ["plain", "cumulative"])
+def test_vectorised_loss_and_image_gradients_equal_the_loop(
+    zoo: str, jitter: int, weighting: TeacherWeighting
+) -> None:
     teachers, images, targets = _zoo(zoo)
     weights = DeepInversionWeights()
+    scales = eci_teacher_weights(len(teachers), weighting)
     results = []
     for stacked in (False, True):
         leaves = [image.clone().requires_grad_() for image in images]
         generator = torch.Generator().manual_seed(3)
         if stacked:
             loss, logits = StackedTeachers(teachers).loss(
-                leaves, targets, weights, jitter, generator
+                leaves, targets, weights, jitter, generator, teacher_weights=scales
             )
             assert [tuple(x.shape) for x in logits] == [(len(t), t.max() + 1) for t in targets]
         else:
             loss = deep_inversion_loss_over_teachers(
-                teachers, leaves, targets, weights, jitter, generator
+                teachers, leaves, targets, weights, jitter, generator, scales
             )
         gradients = torch.autograd.grad(loss.total, leaves)
         results.append((loss, gradients, generator.get_state()))

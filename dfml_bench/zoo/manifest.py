@@ -32,8 +32,11 @@ class TeacherRecord(BaseModel):
     class_ids: list[int]
     dataset_class_indices: list[int]  # indices into the dataset's meta-train class list
     class_names: list[str]
-    heldout_accuracy: float
-    best_epoch: int
+    heldout_accuracy: float  # of the kept weights (the epoch `kept_epoch`)
+    best_epoch: int  # the epoch with the highest held-out accuracy
+    # epoch whose weights the file holds (the recipe's keep_epoch); None in manifests written
+    # before keep_epoch existed, which always kept the best epoch
+    kept_epoch: int | None = None
     train_images: int
     seed: int
     recipe_hash: str

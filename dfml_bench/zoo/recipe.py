@@ -68,6 +68,15 @@ class ZooRecipe(BaseModel):
             "normal(0, sqrt(2 / (k*k*out_channels))), BatchNorm 1 / 0), 'pytorch' = the defaults"
         ),
     )
+    keep_epoch: Literal["best", "last"] = Field(
+        "best",
+        description=(
+            "which epoch's weights a teacher keeps: 'best' = the epoch with the highest held-out "
+            "accuracy (a deep copy), 'last' = the final epoch. PURER's and FREE's pre-training "
+            "keep the last epoch: the state_dict they store as 'best' aliases the live weights "
+            "(no deep copy), so what they save is the final epoch, whatever epoch was best"
+        ),
+    )
     seed: int = 0
 
     @field_validator("name")
@@ -108,8 +117,12 @@ class ZooRecipe(BaseModel):
         return self.optimizers.get(architecture) or self.optimizers[family]
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the teachers (not the description)."""
-        payload = self.model_dump(exclude={"description"})
+        """Hash of everything that changes the teachers (not the description).
+
+        `keep_epoch` enters only when not "best", so recipes written before it existed keep
+        their fingerprint (zoos and results are keyed by it)."""
+        excluded = {"description"} | ({"keep_epoch"} if self.keep_epoch == "best" else set())
+        payload = self.model_dump(exclude=excluded)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,4 +1,5 @@
-"""Pre-train a zoo of teachers from a recipe: resumable per teacher, best epoch on held-out data."""
+"""Pre-train a zoo of teachers from a recipe: resumable per teacher, keeping the best epoch on
+held-out data or the last one (the recipe's `keep_epoch`)."""
 
 from __future__ import annotations
 
@@ -211,13 +212,17 @@ def _train_teacher(
     milestones = sorted({max(1, int(f * recipe.epochs)) for f in recipe.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.lr_decay)
 
+    keep_last = recipe.keep_epoch == "last"
+    # best_state stays None with keep_last: only the final weights are saved, no copy needed
     best_accuracy, best_epoch, best_state = -1.0, 0, None
+    last_accuracy, last_epoch = -1.0, 0
 
     stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
 
     def state() -> dict[str, object]:
         return snapshot(stateful) | {
             "best": [best_accuracy, best_epoch, best_state],
+            "last": [last_accuracy, last_epoch],
             "seconds": time.perf_counter() - started,
         }
 
@@ -232,6 +237,8 @@ def _train_teacher(
         done, saved = restored
         load_snapshot(stateful, saved)
         best_accuracy, best_epoch, best_state = saved["best"]
+        # states saved before "last" existed belong to keep_epoch "best" recipes, which ignore it
+        last_accuracy, last_epoch = saved.get("last", (-1.0, done))
         started -= saved["seconds"]  # the record's train_seconds spans every attempt
     epochs = tqdm(
         range(done + 1, recipe.epochs + 1),
@@ -261,13 +268,19 @@ def _train_teacher(
             )
         accuracy = _accuracy(model, heldout_x, heldout_y)
         epochs.set_postfix(heldout=f"{accuracy:.1f}%")
+        last_accuracy, last_epoch = accuracy, epoch
         if accuracy > best_accuracy:
             best_accuracy, best_epoch = accuracy, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            if not keep_last:
+                best_state = copy.deepcopy(model.state_dict())
         checkpointer.step(epoch, state)
 
+    if keep_last:
+        kept_state, kept_accuracy, kept_epoch = model.state_dict(), last_accuracy, last_epoch
+    else:
+        kept_state, kept_accuracy, kept_epoch = best_state, best_accuracy, best_epoch
     file_name = f"teacher-{plan.index:03d}.safetensors"
-    sha256 = save_state(best_state, out_dir / file_name)
+    sha256 = save_state(kept_state, out_dir / file_name)
     offset = offsets[plan.dataset]
     record = TeacherRecord(
         index=plan.index,
@@ -279,8 +292,9 @@ def _train_teacher(
         class_ids=[offset + c for c in plan.dataset_class_indices],
         dataset_class_indices=list(plan.dataset_class_indices),
         class_names=[split.class_names[c] for c in plan.dataset_class_indices],
-        heldout_accuracy=best_accuracy,
+        heldout_accuracy=kept_accuracy,
         best_epoch=best_epoch,
+        kept_epoch=kept_epoch,
         train_images=len(train_y),
         seed=plan.seed,
         recipe_hash=recipe_hash,
