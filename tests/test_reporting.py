@@ -249,3 +249,58 @@ def test_report_from_an_outdated_summary_is_a_one_line_error(
     error = capsys.readouterr().err.strip()
     assert "lacks columns" in error and "dfml-bench collect" in error and "\n" not in error
     assert not (tmp_path / "REPORT.md").exists() and not (tmp_path / "tables").exists()
+
+
+def test_a_cell_whose_mechanism_did_not_act_is_flagged_not_bold(tmp_path: Path) -> None:
+    """purer and purer-no-eci equal to the last digit because the curriculum never fired: the
+    purer cell carries the mark and no bold, and the note says why, from the record."""
+    inactive = "ECI's curriculum never fired (0 adversarial steps)"
+    rows = [
+        _row("purer", 1, 45.0, inactive=inactive),
+        _row("purer-no-eci", 1, 45.0),
+        _row("random", 1, 30.0),
+    ]
+    summary = _write_summary(tmp_path / "summary.csv", rows)
+    write_tables(summary, tmp_path / "tables")
+    markdown = (tmp_path / "tables" / "ss.md").read_text()
+    assert "| 45.00 ± 1.00 ‡ " in markdown
+    assert "**45.00 ± 1.00**" in markdown  # purer-no-eci keeps the bold: its own result
+    assert markdown.count("**") == 2
+    assert "‡ : what the row's name stands for did not act in that run" in markdown
+    assert f"{inactive} (PURER)" in markdown
+    latex = (tmp_path / "tables" / "ss.tex").read_text()
+    assert r"45.00 $\pm$ 1.00$^\ddagger$" in latex
+
+
+def test_purer_records_say_what_did_not_act() -> None:
+    from dfml_bench.methods import method_class
+
+    def record(**timings: float) -> dict:
+        icfil = {"calibration_steps": 1, "inversion_steps": 2}
+        return {
+            "icfil": True,
+            "acc_mean": 50.0,
+            "acc_mean_without_icfil": 49.0,
+            "iteration": 6,
+            "spec": {"evaluation": {"icfil": icfil}},
+            "method_timings": timings,
+        }
+
+    purer = method_class("purer")
+    assert (
+        purer.inactive_mechanisms(record(adversarial_steps=2, first_adversarial_iteration=3)) == []
+    )
+    assert purer.inactive_mechanisms(record(adversarial_steps=0)) == [
+        "ECI's curriculum never fired (0 adversarial steps)"
+    ]
+    late = record(adversarial_steps=1, first_adversarial_iteration=8)
+    assert purer.inactive_mechanisms(late) == [
+        "the scored checkpoint precedes ECI's first adversarial step (8)"
+    ]
+    assert method_class("purer-no-eci").inactive_mechanisms(record(adversarial_steps=0)) == []
+    unchanged = record(adversarial_steps=2) | {"acc_mean_without_icfil": 50.0}
+    assert purer.inactive_mechanisms(unchanged) == ["ICFIL changed no test accuracy"]
+    no_steps = record(adversarial_steps=2)
+    no_steps["spec"]["evaluation"]["icfil"]["calibration_steps"] = 0
+    assert method_class("purer-no-icfil").inactive_mechanisms(no_steps | {"icfil": False}) == []
+    assert purer.inactive_mechanisms(no_steps) == ["ICFIL took no calibration step"]

@@ -7,7 +7,7 @@ into meta-model initialisations. Registration is by name, so configs and tables 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -122,6 +122,19 @@ class Method(ABC):
         reason = self.inapplicable_reason(context)
         if reason is not None:
             raise DfmlError(reason)
+
+    @classmethod
+    def inactive_mechanisms(cls, record: Mapping[str, Any]) -> list[str]:
+        """What the run's name promises but its record shows did not act on the scored model
+        (tables flag such cells instead of reading them as evidence). Here: ICFIL."""
+        if not record.get("icfil"):
+            return []
+        icfil = record.get("spec", {}).get("evaluation", {}).get("icfil", {})
+        if icfil.get("calibration_steps") == 0 or icfil.get("inversion_steps") == 0:
+            return ["ICFIL took no calibration step"]
+        if record.get("acc_mean_without_icfil") == record.get("acc_mean"):
+            return ["ICFIL changed no test accuracy"]
+        return []
 
     @abstractmethod
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:

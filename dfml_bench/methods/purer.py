@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import ConfigDict, Field
@@ -263,6 +263,7 @@ class Purer(Method):
         teacher_weights = eci_teacher_weights(len(context.zoo.teachers), settings.teacher_weighting)
         evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
         adversarial, adversarial_steps = False, 0
+        first_adversarial: int | None = None  # meta-iteration of the first adversarial step
         self.timings.extra["pseudo_images"] = float(pool.num_images)
 
         stateful = {
@@ -276,7 +277,7 @@ class Purer(Method):
         def state() -> dict[str, object]:
             return snapshot(stateful) | {
                 "curriculum": None if switch is None else switch.state(),
-                "adversarial": [adversarial, adversarial_steps],
+                "adversarial": [adversarial, adversarial_steps, first_adversarial],
             }
 
         done = 0
@@ -286,7 +287,9 @@ class Purer(Method):
             load_snapshot(stateful, saved)
             if switch is not None:
                 switch.load(saved["curriculum"])
-            adversarial, adversarial_steps = saved["adversarial"]
+            # states saved before first_adversarial was kept hold two entries
+            adversarial, adversarial_steps, *first = saved["adversarial"]
+            first_adversarial = first[0] if first else None
 
         progress = tqdm(
             range(done + 1, settings.iterations + 1),
@@ -304,6 +307,7 @@ class Purer(Method):
                     model, settings.adversarial_weight, settings.inner_steps, settings.inner_lr
                 )
                 adversarial_steps += 1
+                first_adversarial = first_adversarial or iteration
             inversion = eci_data_step(
                 teachers,
                 pool,
@@ -349,9 +353,26 @@ class Purer(Method):
 
             if iteration in evaluate_at:
                 if iteration == settings.iterations:
-                    self._finish(context, pool, generator, settings, adversarial_steps)
+                    self._finish(
+                        context, pool, generator, settings, adversarial_steps, first_adversarial
+                    )
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
             context.resume.step(iteration, state, force=iteration in evaluate_at)
+
+    @classmethod
+    def inactive_mechanisms(cls, record: Mapping[str, Any]) -> list[str]:
+        """ICFIL's check, and the curriculum: no adversarial data step before the scored
+        checkpoint means the row is plain inversion whatever its name."""
+        notes = super().inactive_mechanisms(record)
+        timings = record.get("method_timings") or {}
+        if not cls.curriculum or "adversarial_steps" not in timings:
+            return notes
+        first = timings.get("first_adversarial_iteration")
+        if not timings["adversarial_steps"]:
+            notes.append("ECI's curriculum never fired (0 adversarial steps)")
+        elif first is not None and record.get("iteration", first) < first:
+            notes.append(f"the scored checkpoint precedes ECI's first adversarial step ({first:g})")
+        return notes
 
     def _initial_model(self, context: MetaTrainContext) -> nn.Module:
         """Zoo Average when the architectures match (PURER's init), else a random init."""
@@ -373,8 +394,11 @@ class Purer(Method):
         generator: torch.Generator,
         settings: PurerSettings,
         adversarial_steps: int,
+        first_adversarial: int | None,
     ) -> None:
         self.timings.extra["adversarial_steps"] = float(adversarial_steps)
+        if first_adversarial is not None:
+            self.timings.extra["first_adversarial_iteration"] = float(first_adversarial)
         tasks = pool.num_images / (context.ways * pool.per_class)
         self.timings.extra["recovery_s_per_task"] = self.timings.recovery_seconds / tasks
         if context.artifacts_dir is not None:

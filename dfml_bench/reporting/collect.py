@@ -39,6 +39,7 @@ SUMMARY_COLUMNS = [
     "test_lr",
     "fidelity",
     "fused_head",
+    "inactive",
     "iteration",
     "data_free",
     "stand_in_for",
@@ -77,6 +78,7 @@ def read_records(results_dir: Path) -> pd.DataFrame:
                 "test_steps": record.get("spec", {}).get("evaluation", {}).get("inner_steps"),
                 "test_lr": record.get("spec", {}).get("evaluation", {}).get("inner_lr"),
                 "fused_head": (record.get("method_settings") or {}).get("head"),
+                "inactive": "; ".join(_inactive_mechanisms(record)) or None,
                 "device": env.get("device"),
                 "torch": env.get("packages", {}).get("torch"),
                 "git_commit": env.get("git_commit"),
@@ -84,6 +86,14 @@ def read_records(results_dir: Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _inactive_mechanisms(record: dict) -> list[str]:
+    """The method's own reading of its record (`Method.inactive_mechanisms`)."""
+    from dfml_bench.methods import method_class, method_names
+
+    base = record.get("base_method") or record.get("method")
+    return method_class(base).inactive_mechanisms(record) if base in method_names() else []
 
 
 def collect(results_dir: Path | str, output: Path | str | None = None) -> Path:

@@ -26,6 +26,7 @@ DASH_NOTE = (
     "— : the method does not apply to this zoo (reason in its run record) or no run. "
     "† : not data-free (trained on real meta-train data), an upper bound."
 )
+INACTIVE_MARK = "‡"
 PROTOCOL_NOTES = {
     "clean": "clean protocol: checkpoint chosen on meta-val, reported on meta-test",
     "paper": "paper protocol: maximum meta-test accuracy over periodic evaluations",
@@ -37,12 +38,15 @@ EMBEDDED_NOTE = (
 
 
 def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (protocol, method, dataset, shots): mean, ci95, seeds, episodes."""
+    """One row per (protocol, method, dataset, shots): mean, ci95, seeds, episodes, and what did
+    not act in any of its runs (`inactive`, "" when everything did)."""
     rows = []
     keys = ["protocol", "method", "dataset", "stand_in_for", "shots"]
     for key, group in frame.groupby(keys, dropna=False):
         if group["acc_mean"].isna().all():  # method not applicable to this zoo: em dash
-            rows.append(dict(zip(keys, key), mean=None, ci95=None, seeds=0, episodes=0))
+            rows.append(
+                dict(zip(keys, key), mean=None, ci95=None, seeds=0, episodes=0, inactive="")
+            )
             continue
         group = group.dropna(subset=["acc_mean"])
         if len(group) > 1:
@@ -56,6 +60,7 @@ def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
                 ci95=ci95,
                 seeds=len(group),
                 episodes=int(group["episodes"].iloc[0]),
+                inactive="; ".join(sorted(set(group["inactive"].dropna().astype(str)) - {""})),
             )
         )
     return pd.DataFrame(rows)
@@ -68,7 +73,8 @@ def dataset_label(dataset: str, stand_in: object) -> str:
 
 
 def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFrame]:
-    """Per protocol, a methods x (dataset, "K-shot") frame of (mean, ci95) tuples (None: no value).
+    """Per protocol, a methods x (dataset, "K-shot") frame of (mean, ci95, inactive) tuples (None:
+    no value; `inactive` says what did not act in the cell's runs, "" when everything did).
 
     Methods that are not data-free (the oracle) come last, in `table.attrs["upper_bounds"]`."""
     rows = frame[frame["scenario"] == scenario]
@@ -95,7 +101,7 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
             if row.mean is None or pd.isna(row.mean):
                 continue
             column = (dataset_label(row.dataset, row.stand_in_for), f"{int(row.shots)}-shot")
-            table.at[row.method, column] = (row.mean, row.ci95)
+            table.at[row.method, column] = (row.mean, row.ci95, row.inactive)
         table.attrs["upper_bounds"] = upper_bounds & set(methods)
         tables[protocol] = table
     return tables
@@ -103,12 +109,12 @@ def scenario_tables(frame: pd.DataFrame, scenario: str) -> dict[str, pd.DataFram
 
 def best_methods(table: pd.DataFrame, column: object) -> set[str]:
     """The best data-free method(s) of a column at the printed precision (ties all get the bold;
-    upper bounds never do)."""
+    upper bounds and cells whose mechanism did not act never do)."""
     excluded = table.attrs.get("upper_bounds", set())
     values = {
         m: round(v[0], 2)
         for m, v in table[column].items()
-        if isinstance(v, tuple) and m not in excluded
+        if isinstance(v, tuple) and m not in excluded and not v[2]
     }
     if not values:
         return set()
@@ -131,7 +137,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             if not isinstance(value, tuple):
                 rendered.at[method, label] = "—"
                 continue
-            text = f"{value[0]:.2f} ± {value[1]:.2f}"
+            text = f"{value[0]:.2f} ± {value[1]:.2f}" + (f" {INACTIVE_MARK}" if value[2] else "")
             rendered.at[method, label] = f"**{text}**" if method in best else text
     rendered.index = [_row_label(table, method, " †") for method in rendered.index]
     rendered.index.name = "method"
@@ -196,7 +202,7 @@ def to_latex(table: pd.DataFrame, caption: str, label: str | None = None) -> str
             if not isinstance(value, tuple):
                 cells.append("---")
                 continue
-            text = f"{value[0]:.2f} $\\pm$ {value[1]:.2f}"
+            text = f"{value[0]:.2f} $\\pm$ {value[1]:.2f}" + ("$^\\ddagger$" if value[2] else "")
             cells.append(rf"\textbf{{{text}}}" if method in best[column] else text)
         lines.append(" & ".join([latex_escape(_row_label(table, method, "†")), *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
@@ -274,6 +280,12 @@ def method_notes(rows: pd.DataFrame) -> str:
     heads = _grouped(rows, "fused_head", lambda v: f"{v} head")
     if heads:
         notes.append("Fused models: " + "; ".join(heads) + ".")
+    inactive = _grouped(rows.replace({"inactive": {"": None}}), "inactive", str)
+    if inactive:
+        notes.append(
+            f"{INACTIVE_MARK} : what the row's name stands for did not act in that run, so the "
+            "cell is not evidence for it (from the run records): " + "; ".join(inactive) + "."
+        )
     return " ".join(notes)
 
 
