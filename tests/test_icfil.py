@@ -96,6 +96,110 @@ def test_deterministic_under_the_same_seed() -> None:
     assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
+def _support_cross_entropy(model: nn.Module, params: dict, images, labels) -> float:
+    with torch.no_grad():
+        return F.cross_entropy(functional_call(model, params, (images,)), labels).item()
+
+
+HEAD_TEST = {"inversion_steps": 2, "calibration_steps": 2, "calibration_lr": 0.1}
+
+
+@pytest.mark.parametrize("architecture", ["conv4", "resnet10"])
+def test_keep_leaves_the_adapted_head(architecture: str) -> None:
+    model = _meta_model(architecture)
+    images, labels = _task(shots=2)
+    adapted = _adapted(model, images, labels)
+    settings = IcfilSettings(head="keep", **HEAD_TEST)
+    assert IcfilSettings().head == settings.head  # keep is the default
+    calibrated = icfil_calibrate(model, adapted, images, labels, WAYS, settings, _generator())
+    heads = [name for name in adapted if name.startswith("head.")]
+    assert heads == ["head.weight", "head.bias"]
+    for name in heads:
+        assert torch.equal(calibrated[name], adapted[name]), name
+
+
+@pytest.mark.parametrize("architecture", ["conv4", "resnet10"])
+def test_refit_moves_only_the_head_and_lowers_the_support_loss(architecture: str) -> None:
+    model = _meta_model(architecture)
+    images, labels = _task(shots=2)
+    adapted = _adapted(model, images, labels)
+    adapted_before = {name: value.clone() for name, value in adapted.items()}
+    keep = icfil_calibrate(
+        model, adapted, images, labels, WAYS, IcfilSettings(head="keep", **HEAD_TEST), _generator()
+    )
+    refit_settings = IcfilSettings(head="refit", head_steps=5, head_lr=0.1, **HEAD_TEST)
+    refit = icfil_calibrate(model, adapted, images, labels, WAYS, refit_settings, _generator())
+    assert list(refit) == list(adapted)
+    for name, value in refit.items():
+        assert value.shape == adapted[name].shape and value.dtype == adapted[name].dtype, name
+        assert not value.requires_grad, name
+        if name.startswith("head."):
+            assert not torch.equal(value, keep[name]), name
+        else:  # the same calibration: the backbone is keep's, bit for bit
+            assert torch.equal(value, keep[name]), name
+    assert all(torch.equal(adapted[name], adapted_before[name]) for name in adapted)
+    assert _support_cross_entropy(model, refit, images, labels) < _support_cross_entropy(
+        model, keep, images, labels
+    )
+    # the default budget (one step at lr 0.01) still lowers it, if less
+    default = IcfilSettings(head="refit", **HEAD_TEST)
+    assert (default.head_steps, default.head_lr) == (1, 0.01)
+    small = icfil_calibrate(model, adapted, images, labels, WAYS, default, _generator())
+    assert _support_cross_entropy(model, small, images, labels) < _support_cross_entropy(
+        model, keep, images, labels
+    )
+
+
+def test_refit_head_matches_plain_sgd_through_the_full_model() -> None:
+    model = _meta_model()
+    images, labels = _task(shots=2)
+    adapted = _adapted(model, images, labels)
+    settings = IcfilSettings(head="refit", head_steps=3, head_lr=0.05, **HEAD_TEST)
+    result = icfil_calibrate(model, adapted, images, labels, WAYS, settings, _generator())
+    # the reference: SGD on the head through the whole model, the backbone held at the result's
+    params = {name: value.clone() for name, value in result.items()}
+    params |= {name: adapted[name].clone() for name in ("head.weight", "head.bias")}
+    for _ in range(settings.head_steps):
+        head = {name: params[name].requires_grad_() for name in ("head.weight", "head.bias")}
+        loss = F.cross_entropy(functional_call(model, params, (images,)), labels)
+        gradients = torch.autograd.grad(loss, list(head.values()))
+        params |= {
+            name: (value - settings.head_lr * gradient).detach()
+            for (name, value), gradient in zip(head.items(), gradients)
+        }
+    for name in ("head.weight", "head.bias"):
+        torch.testing.assert_close(result[name], params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_refit_is_deterministic_under_the_same_seed() -> None:
+    model = _meta_model()
+    images, labels = _task(shots=2)
+    adapted = _adapted(model, images, labels)
+    settings = IcfilSettings(head="refit", head_steps=3, head_lr=0.1, inversion_steps=3)
+    first = icfil_calibrate(model, adapted, images, labels, WAYS, settings, _generator(7))
+    second = icfil_calibrate(model, adapted, images, labels, WAYS, settings, _generator(7))
+    other = icfil_calibrate(model, adapted, images, labels, WAYS, settings, _generator(8))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["head.weight"], other["head.weight"])
+
+
+def test_refit_with_zero_steps_is_keep() -> None:
+    model = _meta_model()
+    images, labels = _task()
+    adapted = _adapted(model, images, labels)
+    keep = icfil_calibrate(model, adapted, images, labels, WAYS, IcfilSettings(), _generator())
+    none = IcfilSettings(head="refit", head_steps=0)
+    refit = icfil_calibrate(model, adapted, images, labels, WAYS, none, _generator())
+    assert all(torch.equal(keep[name], refit[name]) for name in keep)
+
+
+def test_invalid_head_is_rejected_by_name() -> None:
+    with pytest.raises(ValidationError, match=r"head\n.*'keep' or 'refit'"):
+        IcfilSettings(head="reinit")
+    with pytest.raises(ValidationError, match=r"icfil\.head\n.*'keep' or 'refit'"):
+        EvaluationSettings(icfil={"head": "zero"})
+
+
 def test_inversion_lowers_the_adapted_models_cross_entropy() -> None:
     model = _meta_model()
     images, labels = _task()
@@ -185,6 +289,9 @@ def test_running_statistics_are_refused() -> None:
         ("calibration_lr", 0.0),
         ("bn_weight", -0.1),
         ("jitter", -1),
+        ("head", "reinit"),
+        ("head_steps", -1),
+        ("head_lr", 0.0),
         ("unknown", 1),
     ],
 )
