@@ -80,6 +80,21 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """No TensorFloat-32 on CUDA (10-bit mantissas in convolutions and matmuls): equality tests
+    compare float32 with float32. No effect on a CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generated/decoded data goes to one cache per test session, never the user's cache."""

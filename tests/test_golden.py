@@ -36,6 +36,7 @@ from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import ModelInit, build_model
 from dfml_bench.models.resnet import BasicBlock
+from tests.conftest import CUDA
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DFML_GOLDEN_DIR") or REPO.parent / "shared" / "golden")
@@ -648,3 +649,52 @@ def test_curriculum_trigger_matches_the_authors(case: str, sequence: str) -> Non
     adversarial = [i + 1 for i in fired if i + 1 <= len(accuracies)]
     assert adversarial == content["sequences"][sequence]["adversarial_data_steps"]
     assert fired[1:] == content["sequences"][sequence]["plateau_triggers_printed"]
+
+
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_vectorised_eci_adversarial_step_matches_the_authors(
+    device: str, dtype: torch.dtype
+) -> None:
+    """The stacked (vmapped) teachers, the GPU path, give the authors' adversarial data step:
+    the cumulative objective and the pool gradient through a second-order MAML step."""
+    from dfml_bench.inversion import DeepInversionWeights, StackedTeachers, eci_teacher_weights
+    from dfml_bench.methods.purer import Adversary, eci_data_step
+
+    name = "purer_eci_adv_step"
+    fx, want = _inputs(name), _expected(name, dtype)
+    pool, order = _authors_pool(name, dtype)
+    pool = pool.to(device)
+    teachers = [_teacher(name, j, dtype).to(device) for j in range(len(fx["jitter_offsets"]))]
+    flat = torch.cat(list(pool.blocks))
+    ours_of_theirs = torch.argsort(order).to(device)
+    task = Task(
+        flat[ours_of_theirs[fx["expected.adv.support_rows"].to(device)]],
+        fx["expected.adv.support_labels"].to(device),
+        flat[ours_of_theirs[fx["expected.adv.query_rows"].to(device)]],
+        fx["expected.adv.query_labels"].to(device),
+    )
+    meta = _meta_model(name, dtype).to(device)
+    inversion = eci_data_step(
+        StackedTeachers(teachers),
+        pool,
+        torch.optim.Adam(pool.parameters(), lr=0.25),
+        DeepInversionWeights(),
+        2,
+        torch.Generator(device),
+        Adversary(meta, 10.0, 1, INNER_LR, task),
+        teacher_weights=eci_teacher_weights(len(teachers), "cumulative"),
+        shifts=fx["jitter_offsets"].to(device),
+    )
+    torch.testing.assert_close(
+        inversion.total.detach().cpu(),
+        want["expected.di_objective"].to(dtype),
+        **(_loss_tolerance(dtype) if device == "cpu" else {"rtol": 1e-5, "atol": 0}),
+    )
+    got = _pool_gradient(pool).cpu()
+    expected_gradient = want["expected.pool_grad"].to(dtype)[order]
+    if device == "cpu":
+        _assert_pool_gradient(got, expected_gradient, dtype)
+    else:  # another kernel library: the README's float32 tolerance for both dtypes
+        error = float((got - expected_gradient).norm() / expected_gradient.norm())
+        assert error <= 1e-3, f"pool gradient off by {error:.2e} (relative norm)"

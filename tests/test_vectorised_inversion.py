@@ -16,14 +16,16 @@ from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.inversion.vectorised import StackedTeachers, resolve_strategy, roll_each
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method
+from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.methods.purer import Adversary, eci_data_step
 from dfml_bench.models import build_model
 from dfml_bench.zoo.manifest import Zoo
+from tests.conftest import CUDA
 
 RTOL = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "no_tf32")
 
 
 def _teacher(architecture: str, classes: int, image_size: int, seed: int) -> nn.Module:
@@ -295,3 +297,34 @@ def test_free_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> No
     assert torch.equal(memory.labels, loop_memory.labels)
     assert torch.equal(memory.sources, loop_memory.sources)
     assert _relative_error(memory.images, loop_memory.images) < RTOL
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_channels_last_teachers_and_meta_model_run_under_vmap(device: str) -> None:
+    """PURER keeps teachers, pool and meta-model channels_last (fast CPU kernels); on CUDA,
+    vmap cannot query that layout inside batch_norm, so the vmapped paths (stacked teachers,
+    batched MAML tasks) must hand it the default one. Both equal the loops."""
+    teachers = [
+        _teacher("conv4", 5, 16, seed).to(device, memory_format=torch.channels_last)
+        for seed in range(3)
+    ]
+    torch.manual_seed(0)
+    meta_model = use_batch_statistics(build_model("conv4", 5, 16))
+    meta_model = meta_model.to(device, memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    pool = PseudoImagePool([range(5 * t, 5 * t + 5) for t in range(3)], 4, 16, generator)
+    pool = pool.to(device)
+    assert pool.blocks[0].is_contiguous(memory_format=torch.channels_last)
+    scales = eci_teacher_weights(3, "cumulative")
+    loop = deep_inversion_loss_over_teachers(
+        teachers, list(pool.blocks), pool.local_labels, jitter=0, teacher_weights=scales
+    )
+    stacked, _ = StackedTeachers(teachers).loss(
+        list(pool.blocks), pool.local_labels, jitter=0, teacher_weights=scales
+    )
+    assert stacked.total.item() == pytest.approx(loop.total.item(), rel=RTOL)
+    tasks = [pool.sample_task(5, 1, 3, generator) for _ in range(2)]
+    params = dict(meta_model.named_parameters())
+    sequential, _ = maml_outer_loss(meta_model, params, tasks, 1, 0.01, True, "sequential")
+    batched, _ = maml_outer_loss(meta_model, params, tasks, 1, 0.01, True, "batched")
+    assert batched.item() == pytest.approx(sequential.item(), rel=RTOL)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dfml_bench.device import vmap_layout, vmap_layouts
+
 Params = dict[str, torch.Tensor]
 TaskBatching = Literal["auto", "sequential", "batched"]
 
@@ -111,10 +113,12 @@ def finetune_batched(
     each task by its own support set, exactly as the sequential loop does.
     """
 
+    params = vmap_layouts(params)
+
     def adapt(task_images: torch.Tensor, task_labels: torch.Tensor) -> Params:
         return functional_adapt(model, params, task_images, task_labels, steps, lr)
 
-    adapted = vmap(adapt)(images, labels)
+    adapted = vmap(adapt)(vmap_layout(images), labels)
     return {name: value.detach() for name, value in adapted.items()}
 
 
@@ -124,4 +128,4 @@ def batched_logits(model: nn.Module, params: Params, images: torch.Tensor) -> to
     def logits(task_params: Params, task_images: torch.Tensor) -> torch.Tensor:
         return functional_call(model, task_params, (task_images,))
 
-    return vmap(logits)(params, images)
+    return vmap(logits)(vmap_layouts(params), vmap_layout(images))

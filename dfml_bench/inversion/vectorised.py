@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from dfml_bench.device import vmap_layout, vmap_layouts
 from dfml_bench.inversion.deepinversion import (
     DeepInversionWeights,
     InversionLoss,
@@ -96,8 +97,8 @@ class _TeacherGroup:
         self.members = members
         self.row = {index: row for row, index in enumerate(members)}
         params, buffers = stack_module_state(teachers)
-        self.params = {name: value.detach() for name, value in params.items()}
-        self.buffers = buffers
+        self.params = vmap_layouts({name: value.detach() for name, value in params.items()})
+        self.buffers = vmap_layouts(buffers)
         self.base = copy.deepcopy(teachers[0]).to("meta")
         layers = [m for m in self.base.modules() if isinstance(m, nn.BatchNorm2d)]
         self.has_running_stats = bool(layers) and all(
@@ -236,7 +237,7 @@ class StackedTeachers:
                 raise ValueError(
                     "a BatchNorm2d layer keeps no running statistics; nothing to match against"
                 )
-            images = torch.stack([images_per_teacher[p] for p in batch.positions])
+            images = vmap_layout(torch.stack([images_per_teacher[p] for p in batch.positions]))
             if shifts is not None:
                 images = roll_each(images, shifts[batch.positions])
             targets = torch.stack([targets_per_teacher[p] for p in batch.positions])

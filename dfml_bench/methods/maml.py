@@ -20,6 +20,7 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 from dfml_bench.data.task import Task, stack_tasks
+from dfml_bench.device import vmap_layout, vmap_layouts
 from dfml_bench.evaluation.adaptation import TaskBatching, batches_tasks, functional_adapt
 
 Params = dict[str, torch.Tensor]
@@ -118,6 +119,7 @@ def _batched_outer_loss(
 ) -> tuple[torch.Tensor, float]:
     """`maml_outer_loss` with every task's inner loop and query pass in one vmapped call."""
     batch = stack_tasks(tasks)
+    params = vmap_layouts(params)
 
     def query_logits(
         support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor
@@ -128,7 +130,9 @@ def _batched_outer_loss(
         return functional_call(model, adapted, (query,))
 
     with _DecomposedBatchNorm() if second_order else nullcontext():
-        logits = vmap(query_logits)(batch.support_images, batch.support_labels, batch.query_images)
+        logits = vmap(query_logits)(
+            vmap_layout(batch.support_images), batch.support_labels, vmap_layout(batch.query_images)
+        )
     losses = F.cross_entropy(
         logits.flatten(0, 1), batch.query_labels.flatten(), reduction="none"
     ).view(len(tasks), -1)
