@@ -1,5 +1,6 @@
 """PURER: the ECI data step, the curriculum switch, the variants, and that it beats Random."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from dfml_bench.config import RunSpec
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.inversion.pool import PseudoImagePool
-from dfml_bench.methods import checkpoint_iterations, create_method, method_names
+from dfml_bench.methods import checkpoint_iterations, create_method, method_class, method_names
 from dfml_bench.methods.purer import Adversary, CurriculumSwitch, eci_data_step
 from dfml_bench.models import build_model
 from dfml_bench.runner import execute_run
@@ -184,3 +185,24 @@ def test_full_purer_is_evaluated_with_icfil_at_the_selected_checkpoint(
         assert record["icfil"] is True and record["icfil_s_per_task"] > 0
         assert 0 <= record["acc_mean_without_icfil"] <= 100
         assert "ICFIL" in record["selection"]
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference" / "runs"
+
+
+@pytest.mark.parametrize("scenario", ["ss", "sh", "mh"])
+def test_the_reference_run_purer_rows_differ_for_the_reason_their_names_give(
+    scenario: str,
+) -> None:
+    """The committed default run: the curriculum acted in every PURER record with ECI (the
+    authors' trigger fires after curriculum_start whatever the accuracy), never in w/o ECI."""
+    records = sorted((REFERENCE / scenario).glob("purer*/*shot/seed*/record-clean.json"))
+    assert len(records) == 6, "three PURER rows x two shot settings"
+    for path in records:
+        record = json.loads(path.read_text())
+        steps = record["method_timings"]["adversarial_steps"]
+        if record["method"] == "purer-no-eci":
+            assert steps == 0, path
+        else:
+            assert steps >= 1, path
+            assert method_class(record["method"]).inactive_mechanisms(record) == [], path
