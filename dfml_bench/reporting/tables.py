@@ -60,10 +60,18 @@ def cell_values(frame: pd.DataFrame) -> pd.DataFrame:
                 ci95=ci95,
                 seeds=len(group),
                 episodes=int(group["episodes"].iloc[0]),
-                inactive="; ".join(sorted(set(group["inactive"].dropna().astype(str)) - {""})),
+                inactive=_inactive_text(group),
             )
         )
     return pd.DataFrame(rows)
+
+
+def _inactive_text(group: pd.DataFrame) -> str:
+    """What did not act in any of the group's runs ("" when everything did, or when the frame
+    predates the `inactive` column)."""
+    if "inactive" not in group:
+        return ""
+    return "; ".join(sorted(set(group["inactive"].dropna().astype(str)) - {""}))
 
 
 def dataset_label(dataset: str, stand_in: object) -> str:
