@@ -206,3 +206,25 @@ def test_the_reference_run_purer_rows_differ_for_the_reason_their_names_give(
         else:
             assert steps >= 1, path
             assert method_class(record["method"]).inactive_mechanisms(record) == [], path
+
+
+ECI_ABLATION = REFERENCE.parents[1] / "reference-eci-ablation-standin" / "runs" / "ss"
+
+
+def test_the_committed_eci_ablation_has_every_run_and_its_curriculum_acted() -> None:
+    """docs/fidelity.md draws its ECI conclusion from these 9 records: 3 seeds of each row, the
+    profile each row names, adversarial steps in every ECI run and none without ECI or ICFIL."""
+    expected = {
+        "eci-authors": ("purer-no-icfil", "authors"),
+        "eci-corrected": ("purer-no-icfil", "corrected"),
+        "no-eci-authors": ("purer-no-eci", "authors"),
+    }
+    for variant, (method, fidelity) in expected.items():
+        records = sorted((ECI_ABLATION / variant / "1shot").glob("seed*/record-clean.json"))
+        assert [p.parent.name for p in records] == ["seed0", "seed1", "seed2"], variant
+        for path in records:
+            record = json.loads(path.read_text())
+            assert record["base_method"] == method and record["fidelity"] == fidelity, path
+            assert not record["icfil"], path
+            steps = record["method_timings"]["adversarial_steps"]
+            assert (steps > 0) == (method == "purer-no-icfil"), path
