@@ -21,6 +21,7 @@ from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
+from dfml_bench.inversion.pixels import Normalisation
 from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, create_method
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
@@ -86,6 +87,7 @@ def execute_run(
         Path(spec.run_dir),
         training_data=None if method.data_free else datasets,
         resume=checkpointer,
+        normalisations={d.name: Normalisation(d.mean, d.std) for d in datasets},
     )
 
     reason = method.inapplicable_reason(context)

@@ -101,7 +101,7 @@ def test_compiled_loss_and_gradients_equal_eager(
 
 
 def test_compile_needs_the_vectorised_strategy() -> None:
-    for method in ("purer", "free"):
+    for method in ("purer", "purer-no-icfil"):
         with pytest.raises(ConfigError, match="inversion_compile compiles the vectorised"):
             create_method(method, {"inversion_compile": True, "inversion_strategy": "loop"})
         settings = create_method(method, {"inversion_compile": True}).settings

@@ -73,7 +73,7 @@ def test_bfloat16_really_changes_the_rounding(device: str) -> None:
         assert not torch.equal(gradients[0], reduced_gradients[0])
 
 
-@pytest.mark.parametrize("method", ["purer", "free"])
+@pytest.mark.parametrize("method", ["purer"])
 def test_bfloat16_run_scores_like_float32(method: str, glyph_zoo_dir: str, tmp_path: Path) -> None:
     """A whole tiny run: the accuracy with bfloat16 inversion is within the CI of float32's."""
     accuracies = {}

@@ -51,6 +51,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "max_replay_batches": 3,
         "replay_patience": 2,
         "inner_steps": 1,
+        "meta_batch": 2,
     },
     "oracle": {"iterations": 6, "eval_interval": 2, "meta_batch": 2, "queries": 3},
     "dro": {"iterations": 6, "eval_interval": 2, "inversion_steps": 3},

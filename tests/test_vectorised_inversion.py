@@ -12,15 +12,12 @@ from dfml_bench.inversion import (
     deep_inversion_loss_over_teachers,
     eci_teacher_weights,
 )
-from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.inversion.vectorised import StackedTeachers, resolve_strategy, roll_each
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method
-from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.methods.purer import Adversary, eci_data_step
 from dfml_bench.models import build_model
 from dfml_bench.zoo.manifest import Zoo
-from tests.conftest import CUDA
 
 RTOL = 1e-4
 
@@ -151,7 +148,6 @@ def test_auto_strategy_is_the_loop_on_cpu_and_vectorised_on_cuda() -> None:
     assert resolve_strategy("vectorised", "cpu") == "vectorised"
     assert resolve_strategy("loop", "cuda") == "loop"
     assert create_method("purer").settings.inversion_strategy == "auto"
-    assert create_method("free").settings.inversion_strategy == "auto"
 
 
 @pytest.fixture
@@ -206,42 +202,6 @@ def test_purer_data_step_is_the_same_with_either_strategy(adversarial: bool) -> 
     assert _update_difference(start, *pools) < 1e-3  # two steps, the second from moved images
 
 
-@pytest.mark.usefixtures("plain_sgd")
-@pytest.mark.parametrize("method_name", ["free", "free-no-metagen"])
-def test_free_generator_adaptation_is_the_same_with_either_strategy(method_name: str) -> None:
-    specs = [("conv4", 5, 16), ("resnet10", 3, 16), ("conv4", 5, 16)]
-    teachers = [_teacher(*spec, seed=index) for index, spec in enumerate(specs)]
-    sampled, counts = [2, 1], [5, 3]
-    settings = {"generator_steps": 2, "per_class": 2, "latent_dim": 8, "generator_width": 8}
-    method = create_method(method_name, settings)
-    torch.manual_seed(0)
-    student = use_batch_statistics(build_model("conv4", 5, 16))
-    meta_gen = Generator(16, 8, 8)
-    results = []
-    for vectorised in (False, True):
-        torch.manual_seed(1)  # the ablation builds fresh generators from the global RNG
-        generator = torch.Generator().manual_seed(0)
-        args = (method.settings, DeepInversionWeights(), generator, torch.device("cpu"))
-        if vectorised:
-            stacked = StackedTeachers(teachers)
-            out = method._recover_together(meta_gen, stacked, sampled, student, counts, *args)
-        else:
-            out = [
-                method._recover(meta_gen, teachers[i], student, n, *args)
-                for i, n in zip(sampled, counts)
-            ]
-        results.append((out, generator.get_state()))
-    (loop, loop_rng), (vectorised, vectorised_rng) = results
-    assert torch.equal(loop_rng, vectorised_rng)
-    for (loop_images, loop_grads), (images, grads) in zip(loop, vectorised):
-        assert images.shape == loop_images.shape
-        assert _relative_error(images, loop_images) < RTOL
-        expected_count = len(list(meta_gen.parameters())) if method.meta_generator else 0
-        assert len(grads) == len(loop_grads) == expected_count
-        for expected, actual in zip(loop_grads, grads):
-            assert _relative_error(actual, expected) < RTOL
-
-
 def _context(zoo: Zoo) -> MetaTrainContext:
     return MetaTrainContext(zoo, MetaModelSpec(), 5, 1, 0, torch.device("cpu"), False)
 
@@ -262,69 +222,3 @@ def test_purer_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> N
         models.append(list(method.meta_train(_context(toy_zoo)))[-1].model.state_dict())
     start = method._initial_model(_context(toy_zoo)).state_dict()
     assert _update_difference(start, *models) < 1e-2
-
-
-@pytest.mark.usefixtures("plain_sgd")
-def test_free_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> None:
-    """Two epochs (the second distils and replays): the same memory, and the meta-generator and
-    the meta-model move the same way in the second epoch."""
-    settings = {
-        "epochs": 2,
-        "warmup_epochs": 1,
-        "per_class": 4,
-        "generator_steps": 2,
-        "generator_width": 8,
-        "eval_interval": 1,
-        "max_replay_batches": 1,
-        "queries": 2,
-    }
-    runs = []
-    for strategy in ("loop", "vectorised"):
-        method = create_method("free", {**settings, "inversion_strategy": strategy})
-        states = []
-        for checkpoint in method.meta_train(_context(toy_zoo)):
-            generator = method.meta_generator_model
-            states.append(
-                (
-                    {k: v.detach().clone() for k, v in generator.named_parameters()},
-                    checkpoint.model.state_dict(),
-                )
-            )
-        runs.append((states, method.memory))
-    (loop, loop_memory), (vectorised, memory) = runs
-    for part in (0, 1):  # after epoch 1 (the meta-model is still its init) -> after epoch 2
-        assert _update_difference(loop[0][part], loop[1][part], vectorised[1][part]) < 1e-2
-    assert torch.equal(memory.labels, loop_memory.labels)
-    assert torch.equal(memory.sources, loop_memory.sources)
-    assert _relative_error(memory.images, loop_memory.images) < RTOL
-
-
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_channels_last_teachers_and_meta_model_run_under_vmap(device: str) -> None:
-    """PURER keeps teachers, pool and meta-model channels_last (fast CPU kernels); on CUDA,
-    vmap cannot query that layout inside batch_norm, so the vmapped paths (stacked teachers,
-    batched MAML tasks) must hand it the default one. Both equal the loops."""
-    teachers = [
-        _teacher("conv4", 5, 16, seed).to(device, memory_format=torch.channels_last)
-        for seed in range(3)
-    ]
-    torch.manual_seed(0)
-    meta_model = use_batch_statistics(build_model("conv4", 5, 16))
-    meta_model = meta_model.to(device, memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(0)
-    pool = PseudoImagePool([range(5 * t, 5 * t + 5) for t in range(3)], 4, 16, generator)
-    pool = pool.to(device)
-    assert pool.blocks[0].is_contiguous(memory_format=torch.channels_last)
-    scales = eci_teacher_weights(3, "cumulative")
-    loop = deep_inversion_loss_over_teachers(
-        teachers, list(pool.blocks), pool.local_labels, jitter=0, teacher_weights=scales
-    )
-    stacked, _ = StackedTeachers(teachers).loss(
-        list(pool.blocks), pool.local_labels, jitter=0, teacher_weights=scales
-    )
-    assert stacked.total.item() == pytest.approx(loop.total.item(), rel=RTOL)
-    tasks = [pool.sample_task(5, 1, 3, generator) for _ in range(2)]
-    params = dict(meta_model.named_parameters())
-    sequential, _ = maml_outer_loss(meta_model, params, tasks, 1, 0.01, True, "sequential")
-    batched, _ = maml_outer_loss(meta_model, params, tasks, 1, 0.01, True, "batched")
-    assert batched.item() == pytest.approx(sequential.item(), rel=RTOL)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-OUTPUT_SCALE = 3.0  # images live in normalised pixel space: tanh * 3 covers [0, 1] pixels
-
 
 class Generator(nn.Module):
-    """latent [B, latent_dim] -> images [B, 3, S, S] in normalised pixel space.
+    """latent [B, latent_dim] -> images [B, 3, S, S] in [0, 1] pixel space (sigmoid), as in the
+    authors' code: each teacher's normalisation is applied afterwards, so one generator serves
+    teachers of datasets with different pixel statistics.
 
     Linear projection to a (S/4)x(S/4) map, two x2 upsampling conv blocks with BatchNorm and
-    LeakyReLU, a 3-channel conv. The authors end with a sigmoid and the dataset's normaliser; one
-    generator here may serve teachers of several datasets, so it outputs normalised pixels
-    directly (bounded by tanh).
+    LeakyReLU, a 3-channel conv, a sigmoid.
     """
 
     def __init__(self, image_size: int, latent_dim: int = 256, width: int = 64) -> None:
@@ -37,8 +35,9 @@ class Generator(nn.Module):
             nn.BatchNorm2d(width),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width, 3, 3, padding=1),
+            nn.Sigmoid(),
         )
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         maps = self.project(latent).view(latent.shape[0], -1, self.init_size, self.init_size)
-        return OUTPUT_SCALE * torch.tanh(self.body(maps))
+        return self.body(maps)

@@ -32,7 +32,7 @@ from dfml_bench.zoo.manifest import Zoo
 Accumulation = Literal["doubled", "mean"]
 FusedHead = Literal["keep", "zero", "reinit"]
 # architectures whose conv/BN tensors the authors' FedAvg accumulates twice (their ConvBlock)
-DOUBLED_ARCHITECTURES = ("conv4", "conv4-gap")
+DOUBLED_ARCHITECTURES = ("conv4", "conv4-gap", "conv4-gmp")
 
 
 class FusionHeadSettings(BaseModel):

@@ -18,6 +18,7 @@ from torch import nn
 
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.errors import DfmlError
+from dfml_bench.inversion.pixels import Normalisation
 from dfml_bench.models.init import ModelInit
 from dfml_bench.resume import Checkpointer
 from dfml_bench.zoo.manifest import Zoo
@@ -51,6 +52,17 @@ class MetaTrainContext:
     training_data: list[FewShotDataset] | None = None  # real data: only for data_free = False
     # long loops save their state here at intervals and continue from it after a restart
     resume: Checkpointer = field(default_factory=Checkpointer.disabled)
+    # pixel statistics of each zoo dataset (what its teachers expect), by dataset name: not data,
+    # so data-free methods that generate pixels may use them
+    normalisations: dict[str, Normalisation] = field(default_factory=dict)
+
+    def normalisation(self, dataset: str) -> Normalisation:
+        if dataset not in self.normalisations:
+            raise DfmlError(
+                f"no pixel normalisation for dataset {dataset!r}: give MetaTrainContext the "
+                "mean and std its teachers were trained with (the runner takes them from the data)"
+            )
+        return self.normalisations[dataset]
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,34 @@
-"""FREE (Wei et al., CVPR 2024): a meta-generator for fast data recovery + implicit gradient
-alignment of the meta-learner.
+"""FREE (Wei et al., CVPR 2024): a meta-generator for fast task recovery + implicit gradient
+alignment of the meta-learner, as the authors' code (WalkerWorldPeace/FREE at 7767d42) runs it.
 
-Per epoch, `teachers_per_epoch` teachers are sampled. For each one, a fast copy of the
-meta-generator and its latents adapt `generator_steps` Adam steps on the DeepInversion loss to
-the teacher's classes plus a masked adversarial term (maximise the teacher-student KL where they
-agree); the meta-generator then takes a first-order MAML step (mean over teachers of the loss
-gradient at the adapted copies). Recovered images of EVERY sampled teacher go to the memory with
-absolute class ids (the official code keeps only the last teacher's: a bug we do not reproduce).
+Per epoch, `teachers_per_epoch` teachers are sampled (with replacement). For each one a fast copy
+of the meta-generator and a fresh latent take `generator_steps` Adam steps on the teacher's
+cross-entropy for its classes (images: sigmoid pixels, cropped and flipped, then normalised as the
+teacher's dataset) plus, after warm-up, a masked adversarial term against the meta-learner; the
+gradient of the last step's loss at the fast copy is summed over teachers into one Adam step of
+the meta-generator (a first-order meta step). Each teacher's images of that last step are kept.
 
-After `warmup_epochs`, the meta-learner distils each sampled teacher into a fast copy of itself
-(`kd_steps` SGD steps on the teacher's recovered images), moves along the mean difference of the
-copies scaled by `alignment_scale` (Reptile-style: aligns the teachers' gradient directions
-implicitly), then replays MAML on pseudo tasks from the memory until its accuracy stops improving
-for `replay_patience` meta-batches.
+After warm-up the memory receives recovered images; then ONE fast copy of the meta-learner
+distils the sampled teachers one after another (one Adam step each), and the meta-learner's own
+Adam steps along `alignment_scale` x (meta - fast) (Reptile): the sequential chain carries the
+cross-teacher gradient products of the paper's implicit alignment. Finally MAML replays pseudo
+tasks from the memory (second order, `meta_batch` tasks summed) until its training accuracy has
+not improved for `replay_patience` meta-batches.
 
-Variants: `free`; `free-no-align` (plain multi-teacher KD: the teachers are distilled into the
-meta-learner itself, one after the other, then replay); `free-no-metagen` (a freshly initialised
-generator per teacher, same step count, no meta step).
+`fidelity: authors` keeps the code's quirks; `corrected` fixes what is a bug (docs/fidelity.md,
+rows F1-F12). Variants: `free`; `free-no-align` (no fast chain: the teachers' distillation
+gradients are all taken at the meta-learner's weights and summed into one Adam step, so no
+cross-teacher products); `free-no-metagen` (a freshly initialised generator per teacher, same
+steps, no meta step).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Iterator
-from typing import ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +37,16 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.fidelity import FidelitySettings
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_to_teacher
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
+from dfml_bench.inversion.pixels import CropFlip, Normalisation
 from dfml_bench.inversion.pool import save_image_rows, save_task_grid
-from dfml_bench.inversion.precision import inversion_autocast
-from dfml_bench.inversion.settings import InversionSpeedSettings
-from dfml_bench.inversion.vectorised import (
-    StackedTeachers,
-    draw_jitter_shifts,
-)
 from dfml_bench.methods.base import (
     Checkpoint,
     MetaTrainContext,
@@ -54,74 +55,274 @@ from dfml_bench.methods.base import (
     checkpoint_iterations,
     register_method,
 )
-from dfml_bench.methods.maml import Params, maml_outer_loss
+from dfml_bench.methods.maml import Params, inner_adapt, maml_outer_loss
 from dfml_bench.methods.purer import load_teachers
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.resume import load_snapshot, snapshot
 
+Divergence = Literal["probabilities", "kl"]
+AdversarialStudent = Literal["last-replay-task", "meta-model"]
+MemorySource = Literal["last-teacher", "every-teacher"]
+ShTeachers = Literal["last-loaded", "as-sampled"]
+TeacherSampling = Literal["with-replacement", "without-replacement"]
+RecoveryLoss = Literal["ce", "deepinversion"]
+MetaGeneratorOptimizer = Literal["fresh-per-epoch", "persistent"]
+Reduction = Literal["sum", "mean"]
 
-class FreeSettings(InversionSpeedSettings):
-    """Paper defaults where DESIGN.md gives them; ours (marked) where it does not."""
+BETAS = (0.5, 0.999)  # the generators' Adam (the authors' Synthesizer)
+
+
+class FreeSettings(FidelitySettings):
+    """Defaults are the authors' main.py and scripts; budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
+    PROFILE_VALUES = {
+        "kd_loss": {"authors": "probabilities", "corrected": "kl"},
+        "adversarial_divergence": {"authors": "probabilities", "corrected": "kl"},
+        "adversarial_student": {"authors": "last-replay-task", "corrected": "meta-model"},
+        "memory_source": {"authors": "last-teacher", "corrected": "every-teacher"},
+        "sh_teachers": {"authors": "last-loaded", "corrected": "as-sampled"},
+    }
     epochs: int = Field(1000, ge=1)
-    warmup_epochs: int = Field(20, ge=0)
+    warmup_epochs: int = Field(
+        20, ge=0, description="epochs that only train the meta-generator (no student, no memory)"
+    )
     teachers_per_epoch: int = Field(4, ge=1)
+    teacher_sampling: TeacherSampling = "with-replacement"
+    sh_teachers: ShTeachers | None = Field(
+        None,
+        description="zoos of several architectures: one architecture per epoch; last-loaded: "
+        "every teacher of the epoch has the last sampled one's weights (the authors' code), "
+        "as-sampled: each its own",
+    )
     generator_steps: int = Field(5, ge=1)
     generator_lr: float = Field(1e-3, gt=0)
+    latent_lr: float = Field(1e-3, gt=0)
     meta_generator_lr: float = Field(1e-3, gt=0)
+    meta_generator_optimizer: MetaGeneratorOptimizer = Field(
+        "fresh-per-epoch", description="the authors build a new Adam at every synthesis"
+    )
     latent_dim: int = Field(256, ge=1)
     generator_width: int = Field(64, ge=1, description="channels of the last block (ngf)")
-    per_class: int = Field(20, ge=1, description="images per class per teacher per epoch")
-    adversarial_weight: float = Field(1.0, ge=0, description="ours")
-    bn_weight: float = Field(0.01, ge=0)
-    tv_weight: float = Field(1e-4, ge=0)
-    l2_weight: float = Field(1e-5, ge=0)
-    jitter: int = Field(2, ge=0)
-    kd_steps: int = Field(5, ge=1, description="ours")
-    kd_lr: float = Field(0.01, gt=0, description="ours")
-    kd_temperature: float = Field(1.0, gt=0, description="ours")
-    alignment_scale: float = Field(0.5, gt=0, description="ours")
-    meta_batch: int = Field(4, ge=1)
+    per_class: int = Field(20, ge=1, description="images per class per teacher (num_qur_kd)")
+    augmentation_padding: int = Field(
+        4, ge=0, description="crop after zero padding, and flip; 0: no augmentation"
+    )
+    recovery_loss: RecoveryLoss = Field(
+        "ce", description="ce: the authors' (no BN prior); deepinversion: + BN, TV and L2 priors"
+    )
+    bn_weight: float = Field(0.01, ge=0, description="recovery_loss deepinversion only")
+    tv_weight: float = Field(1e-4, ge=0, description="recovery_loss deepinversion only")
+    l2_weight: float = Field(1e-5, ge=0, description="recovery_loss deepinversion only")
+    adversarial_weight: float = Field(1.0, ge=0)
+    adversarial_divergence: Divergence | None = None
+    adversarial_student: AdversarialStudent | None = None
+    memory_source: MemorySource | None = None
+    memory_batches_per_class: int | None = Field(
+        20, ge=1, description="ring of writes per class (the authors' max_batch_per_class)"
+    )
+    kd_loss: Divergence | None = None
+    kd_lr: float = Field(1e-3, gt=0, description="Adam of the fast copy (the authors' outer_lr)")
+    alignment_scale: float = Field(67.0, gt=0, description="Reptile gradient factor")
+    meta_batch: int = Field(10, ge=1, description="replay tasks per meta-step (episode_batch)")
+    replay_reduction: Reduction = "sum"
     inner_steps: int = Field(5, ge=1)
     inner_lr: float = Field(0.01, gt=0)
     outer_lr: float = Field(1e-3, gt=0)
-    second_order: bool = Field(False, description="ours: first order keeps 5 steps affordable")
+    second_order: bool = True
     queries: int = Field(15, ge=1)
-    replay_patience: int = Field(10, ge=1)
-    max_replay_batches: int = Field(100, ge=1, description="cap per epoch (ours)")
-    memory_capacity: int | None = Field(None, ge=1, description="None: keep every image")
+    replay_patience: int = Field(10, ge=1, description="meta-batches without a new best accuracy")
+    max_replay_batches: int | None = Field(
+        None, ge=1, description="cap per epoch (ours); None: none"
+    )
     eval_interval: int | None = Field(
         20, ge=1, description="epochs between evaluations (authors: 20); None: final only"
     )
 
 
-def masked_adversarial_loss(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor
+def adversarial_divergence(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, divergence: Divergence
 ) -> torch.Tensor:
-    """Minus the teacher-student KL on the samples where both predict the same class (CMI's
-    masked term): minimising it makes images the student has not learned yet."""
-    mask = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
-    divergence = F.kl_div(
-        F.log_softmax(student_logits, 1), F.softmax(teacher_logits, 1), reduction="none"
-    ).sum(1)
-    return -(divergence * mask).mean()
+    """Per-sample divergence the recovery maximises where teacher and student agree.
+
+    `probabilities` is the authors' call: PyTorch's kl_div given the teacher's probabilities where
+    it expects log-probabilities, i.e. sum_c p_s (log p_s - p_t); `kl` is KL(p_s || p_t)."""
+    teacher = F.softmax(teacher_logits, 1)
+    if divergence == "kl":
+        teacher = F.log_softmax(teacher_logits, 1)
+    return F.kl_div(teacher, F.softmax(student_logits, 1), reduction="none").sum(1)
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: Divergence
 ) -> torch.Tensor:
-    log_student = F.log_softmax(student_logits / temperature, 1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+    """`probabilities`: the authors' kl_div(softmax(s), softmax(t)), mean over all entries,
+    i.e. mean p_t (log p_t - p_s); `kl`: KL(p_t || p_s), mean over samples."""
+    teacher = F.softmax(teacher_logits, 1)
+    if divergence == "kl":
+        return F.kl_div(F.log_softmax(student_logits, 1), teacher, reduction="batchmean")
+    # reduction "none" then mean: the same as "mean", without PyTorch's deprecation warning
+    return F.kl_div(F.softmax(student_logits, 1), teacher, reduction="none").mean()
 
 
-def alignment_update(meta: Params, fast_copies: list[Params], scale: float) -> Params:
-    """meta + scale * mean_t (fast_t - meta): the Reptile-style step of implicit alignment."""
-    return {
-        name: value + scale * torch.stack([fast[name] - value for fast in fast_copies]).mean(0)
-        for name, value in meta.items()
-    }
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """One sampled teacher: the module inverted, its normalisation, and the classes its images
+    are stored under (absolute ids, in the teacher's local order)."""
+
+    teacher: nn.Module
+    normalisation: Normalisation
+    class_ids: list[int]
+    dataset: int
+    index: int  # zoo index of the class list's teacher
+
+
+@dataclass(frozen=True)
+class Student:
+    """The model the adversarial term plays against (used without gradient)."""
+
+    model: nn.Module
+    params: Params
+
+
+@dataclass
+class Recovery:
+    pixels: torch.Tensor  # the last step's images in [0, 1], detached
+    meta_gradient: list[torch.Tensor]  # the last step's loss gradient at the fast generator
+    trace: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def recover_task(
+    source: Generator,
+    target: RecoveryTarget,
+    latent: torch.Tensor,
+    settings: FreeSettings,
+    student: Student | None,
+    draw_augmentation: Callable[[], CropFlip | None],
+    keep_trace: bool = False,
+) -> Recovery:
+    """Adapt a copy of `source` and `latent` to one teacher (the authors' synthesize, one
+    teacher). Targets cycle through the teacher's classes (0, 1, ..., C-1, 0, ...)."""
+    classes = len(target.class_ids)
+    targets = torch.arange(classes, device=latent.device).repeat(latent.shape[0] // classes)
+    with torch.no_grad():
+        source(latent)  # the authors' discarded forward: it moves the source's BN statistics
+    fast = copy.deepcopy(source)
+    latent = latent.detach().clone().requires_grad_()
+    optimizer = torch.optim.Adam(
+        [{"params": list(fast.parameters())}, {"params": [latent], "lr": settings.latent_lr}],
+        lr=settings.generator_lr,
+        betas=BETAS,
+    )
+    weights = DeepInversionWeights(
+        bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
+    )
+    trace: list[dict[str, torch.Tensor]] = []
+    gradient: list[torch.Tensor] = []
+    for step in range(settings.generator_steps):
+        pixels = fast(latent)
+        augmentation = draw_augmentation()
+        shown = (
+            pixels
+            if augmentation is None
+            else augmentation.apply(pixels, settings.augmentation_padding)
+        )
+        inputs = target.normalisation.apply(shown)
+        if settings.recovery_loss == "ce":
+            logits = target.teacher(fit_to_teacher(target.teacher, inputs))
+            inversion = F.cross_entropy(logits, targets)
+        else:
+            result = deep_inversion_loss(target.teacher, inputs, targets, weights, 0)
+            assert result.logits is not None
+            logits, inversion = result.logits, result.total
+        loss, adversarial, mask = inversion, torch.zeros(()), torch.zeros(len(targets))
+        if student is not None and settings.adversarial_weight != 0:
+            with torch.no_grad():
+                student_logits = functional_call(student.model, student.params, (inputs,))
+                student_logits = student_logits[:, :classes]
+            mask = (student_logits.argmax(1) == logits.argmax(1)).to(logits.dtype)
+            divergence = adversarial_divergence(
+                logits, student_logits, settings.adversarial_divergence or "probabilities"
+            )
+            adversarial = -(divergence * mask).mean()
+            loss = inversion + settings.adversarial_weight * adversarial
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == settings.generator_steps - 1:  # the meta-gradient: before the last update
+            gradient = [p.grad.detach().clone() for p in fast.parameters()]  # type: ignore[union-attr]
+        optimizer.step()
+        if keep_trace:
+            trace.append(
+                {
+                    "pixels": pixels.detach(),
+                    "inputs": inputs.detach(),
+                    "ce": inversion.detach(),
+                    "adversarial": adversarial.detach(),
+                    "total": loss.detach(),
+                    "mask": mask.detach(),
+                }
+            )
+    return Recovery(pixels.detach(), gradient, trace)  # the last step's images
+
+
+def meta_generator_step(
+    meta_generator: Generator,
+    optimizer: torch.optim.Optimizer,
+    gradients: Sequence[list[torch.Tensor]],
+) -> None:
+    """One Adam step on the SUM over teachers of their fast generators' meta-gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    for param, *per_teacher in zip(meta_generator.parameters(), *gradients):
+        param.grad = torch.stack(per_teacher).sum(0)
+    optimizer.step()
+
+
+def distil_and_align(
+    model: nn.Module,
+    meta_optimizer: torch.optim.Optimizer,
+    teachers: Sequence[nn.Module],
+    inputs: Sequence[torch.Tensor],
+    settings: FreeSettings,
+    align: bool = True,
+    keep_trace: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Move the meta-learner towards the teachers on their recovered `inputs` (normalised).
+
+    With `align`: one fast copy takes one fresh-Adam step per teacher, in order; the meta
+    gradient is `alignment_scale` x (meta - fast) and the meta-learner's own Adam steps (the
+    authors' reptile_grad). Without: every teacher's loss at the meta weights, summed, one step.
+    """
+    meta = dict(model.named_parameters())
+    divergence = settings.kd_loss or "probabilities"
+    trace: list[dict[str, torch.Tensor]] = []
+
+    def loss_and_accuracy(params: Params, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(fit_to_teacher(teacher, x))
+        student_logits = functional_call(model, params, (x,))[:, : teacher_logits.shape[1]]
+        return distillation_loss(student_logits, teacher_logits, divergence)
+
+    meta_optimizer.zero_grad(set_to_none=True)
+    if align:
+        fast = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
+        optimizer = torch.optim.Adam(list(fast.values()), lr=settings.kd_lr)
+        for teacher, x in zip(teachers, inputs):
+            loss = loss_and_accuracy(fast, teacher, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if keep_trace:
+                trace.append(
+                    {"loss": loss.detach()} | {k: v.detach().clone() for k, v in fast.items()}
+                )
+        for name, param in meta.items():
+            param.grad = settings.alignment_scale * (param.detach() - fast[name].detach())
+    else:
+        total = sum(loss_and_accuracy(meta, teacher, x) for teacher, x in zip(teachers, inputs))
+        total.backward()  # type: ignore[union-attr]
+    meta_optimizer.step()
+    return trace
 
 
 @register_method
@@ -139,10 +340,9 @@ class Free(Method):
         torch.manual_seed(context.seed)
         generator = torch.Generator().manual_seed(context.seed)
         teachers = load_teachers(context)
-        stacked = None
-        if settings.vectorised_on(device):
-            stacked = StackedTeachers(teachers, compile=settings.inversion_compile)
         records = context.zoo.teachers
+        datasets = context.zoo.datasets
+        normalisations = [context.normalisation(name) for name in datasets]
         spec = context.meta_model
         model = use_batch_statistics(
             build_model(spec.architecture, context.ways, spec.image_size, spec.init)
@@ -151,16 +351,12 @@ class Free(Method):
         meta_optimizer = torch.optim.Adam(model.parameters(), lr=settings.outer_lr)
         meta_gen = Generator(spec.image_size, settings.latent_dim, settings.generator_width)
         meta_gen = meta_gen.to(device)
-        meta_gen_optimizer = torch.optim.Adam(
-            meta_gen.parameters(), lr=settings.meta_generator_lr, betas=(0.5, 0.999)
-        )
-        weights = DeepInversionWeights(
-            bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
-        )
-        memory = ImageMemory(settings.memory_capacity)
+        meta_gen_optimizer = self._meta_generator_optimizer(meta_gen)
+        memory = ImageMemory(settings.memory_batches_per_class, normalisations)
         self.memory, self.meta_generator_model = memory, meta_gen  # inspected by tests
         evaluate_at = checkpoint_iterations(settings.epochs, settings.eval_interval)
-        images_recovered, replay_batches = 0, 0
+        images_recovered, replay_batches, adversarial_epochs = 0, 0, 0
+        fast_student: Params | None = None  # adapted weights of the last replay task
 
         stateful = {
             "model": model,
@@ -173,7 +369,8 @@ class Free(Method):
         def state() -> dict[str, object]:
             return snapshot(stateful) | {
                 "memory": memory.state_dict(),
-                "counts": [images_recovered, replay_batches],
+                "counts": [images_recovered, replay_batches, adversarial_epochs],
+                "fast_student": fast_student,
             }
 
         done = 0
@@ -182,7 +379,8 @@ class Free(Method):
             done, saved = restored
             load_snapshot(stateful, saved)
             memory.load_state_dict(saved["memory"], device)
-            images_recovered, replay_batches = saved["counts"]
+            images_recovered, replay_batches, adversarial_epochs = saved["counts"]
+            fast_student = saved["fast_student"]
 
         progress = tqdm(
             range(done + 1, settings.epochs + 1),
@@ -192,236 +390,143 @@ class Free(Method):
             disable=not context.progress,
             leave=False,
         )
+        recoveries: list[tuple[RecoveryTarget, Recovery]] = []
         for epoch in progress:
-            count = min(settings.teachers_per_epoch, len(teachers))
-            sampled = torch.randperm(len(teachers), generator=generator)[:count].tolist()
+            warm_up = epoch <= settings.warmup_epochs
             started = time.perf_counter()
-            recovered, meta_gradients = [], []
-            counts = [len(records[index].class_ids) for index in sampled]
-            results: Iterable[tuple[torch.Tensor, list[torch.Tensor]]]
-            if stacked is None:  # lazily, one teacher after the other
-                results = (
-                    self._recover(
-                        meta_gen, teachers[i], model, n, settings, weights, generator, device
-                    )
-                    for i, n in zip(sampled, counts)
+            targets = [
+                RecoveryTarget(
+                    teachers[weights],
+                    normalisations[datasets.index(records[classes].dataset)],
+                    records[classes].class_ids,
+                    datasets.index(records[classes].dataset),
+                    classes,
                 )
-            else:
-                results = self._recover_together(
-                    meta_gen, stacked, sampled, model, counts, settings, weights, generator, device
+                for weights, classes in self._sample_teachers(context, generator)
+            ]
+            student = None
+            if not warm_up and settings.adversarial_weight != 0:
+                student = Student(model, self._student_params(model, fast_student))
+                adversarial_epochs += 1
+            if settings.meta_generator_optimizer == "fresh-per-epoch":
+                meta_gen_optimizer = self._meta_generator_optimizer(meta_gen)
+                stateful["meta_generator_optimizer"] = meta_gen_optimizer
+
+            def draw() -> CropFlip | None:
+                if settings.augmentation_padding == 0:
+                    return None
+                return CropFlip.draw(settings.augmentation_padding, generator)
+
+            recoveries = []
+            for target in targets:
+                count = len(target.class_ids) * settings.per_class
+                latent = torch.randn(count, settings.latent_dim, generator=generator).to(device)
+                source = meta_gen if self.meta_generator else self._fresh_generator(meta_gen)
+                recoveries.append(
+                    (target, recover_task(source, target, latent, settings, student, draw))
                 )
-            for index, (images, gradients) in zip(sampled, results):
-                local = torch.arange(len(records[index].class_ids), device=device)
-                local = local.repeat_interleave(settings.per_class)
-                absolute = torch.tensor(records[index].class_ids, device=device)[local]
-                memory.add(images, absolute, index)
-                recovered.append((index, images, local))
-                meta_gradients.append(gradients)
-                images_recovered += images.shape[0]
             # one check per epoch (one host sync): a NaN generator would fill the memory with NaN
-            if not bool(torch.stack([images.isfinite().all() for _, images, _ in recovered]).all()):
+            if not bool(torch.stack([r.pixels.isfinite().all() for _, r in recoveries]).all()):
                 raise DfmlError(
                     f"{self.name}: non-finite recovered images at epoch {epoch} (the generator "
                     "diverged); lower generator_lr or meta_generator_lr"
                 )
             if self.meta_generator:
-                meta_gen_optimizer.zero_grad(set_to_none=True)
-                for param, *per_teacher in zip(meta_gen.parameters(), *meta_gradients):
-                    param.grad = torch.stack(per_teacher).mean(0)
-                meta_gen_optimizer.step()
+                meta_generator_step(
+                    meta_gen, meta_gen_optimizer, [r.meta_gradient for _, r in recoveries]
+                )
+            if not warm_up:
+                stored = (
+                    recoveries if settings.memory_source == "every-teacher" else recoveries[-1:]
+                )
+                for target, recovery in stored:
+                    labels = torch.tensor(target.class_ids, device=device)
+                    labels = labels.repeat(recovery.pixels.shape[0] // len(target.class_ids))
+                    memory.add(recovery.pixels, labels, target.dataset, target.index)
+                images_recovered += sum(r.pixels.shape[0] for _, r in recoveries)
             synchronize(device)
             self.timings.recovery_seconds += time.perf_counter() - started
 
-            if epoch > settings.warmup_epochs:
-                self._learn_from_teachers(model, teachers, recovered, settings)
+            if not warm_up:
+                self._distil(model, meta_optimizer, recoveries, settings, generator)
                 if non_finite_parameters(model):
                     raise DfmlError(
                         f"{self.name}: non-finite meta-learner after distillation at epoch "
-                        f"{epoch}; lower kd_lr"
+                        f"{epoch}; lower kd_lr or outer_lr"
                     )
-                replay_batches += self._replay(
+                batches, fast_student = self._replay(
                     model, meta_optimizer, memory, context, generator, epoch
                 )
+                replay_batches += batches
             progress.set_postfix(memory=len(memory))
 
             if epoch in evaluate_at:
                 if epoch == settings.epochs:
-                    self._finish(context, recovered, images_recovered, replay_batches)
+                    self._finish(context, recoveries, images_recovered, replay_batches)
+                    self.timings.extra["adversarial_epochs"] = float(adversarial_epochs)
                 yield Checkpoint(iteration=epoch, model=copy.deepcopy(model))
             context.resume.step(epoch, state, force=epoch in evaluate_at)
 
-    def _recover(
-        self,
-        meta_gen: Generator,
-        teacher: nn.Module,
-        student: nn.Module,
-        num_classes: int,
-        settings: FreeSettings,
-        weights: DeepInversionWeights,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Adapt a fast generator (and its latents) to one teacher; return its images and the
-        first-order meta-gradient (the loss gradient at the adapted generator)."""
-        if self.meta_generator:
-            fast = copy.deepcopy(meta_gen)
-        else:  # ablation: a fresh generator for every teacher
-            fast = Generator(meta_gen.image_size, meta_gen.latent_dim, meta_gen.width).to(device)
-        count = num_classes * settings.per_class
-        latent = torch.randn(count, settings.latent_dim, generator=generator).to(device)
-        latent.requires_grad_()
-        targets = torch.arange(num_classes, device=device).repeat_interleave(settings.per_class)
-        optimizer = torch.optim.Adam(
-            [*fast.parameters(), latent], lr=settings.generator_lr, betas=(0.5, 0.999)
-        )
-        student_params = {k: v.detach() for k, v in student.named_parameters()}
-        for _ in range(settings.generator_steps):
-            optimizer.zero_grad(set_to_none=True)
-            images = fast(latent)
-            self._generator_loss(
-                teacher, student, student_params, images, targets, settings, weights, generator
-            ).backward()
-            optimizer.step()
-        images = fast(latent)
-        gradients: list[torch.Tensor] = []
-        if self.meta_generator:
-            loss = self._generator_loss(
-                teacher, student, student_params, images, targets, settings, weights, generator
-            )
-            gradients = list(torch.autograd.grad(loss, list(fast.parameters())))
-        return images.detach().contiguous(memory_format=torch.channels_last), gradients
-
-    def _recover_together(
-        self,
-        meta_gen: Generator,
-        stacked: StackedTeachers,
-        sampled: list[int],
-        student: nn.Module,
-        class_counts: list[int],
-        settings: FreeSettings,
-        weights: DeepInversionWeights,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
-        """`_recover` for all sampled teachers at once: one fast generator and optimizer each, but
-        one vmapped DeepInversion loss per step. Latents and jitter shifts are drawn up front in
-        `_recover`'s order (per teacher: latents, then one shift per loss), so both strategies see
-        the same random numbers; the losses are independent, so one backward of their sum gives
-        each generator its own gradient."""
-        losses_per_teacher = settings.generator_steps + int(self.meta_generator)
-        fasts, latents, targets, optimizers, shifts = [], [], [], [], []
-        for num_classes in class_counts:
-            if self.meta_generator:
-                fast = copy.deepcopy(meta_gen)
-            else:
-                fast = Generator(meta_gen.image_size, meta_gen.latent_dim, meta_gen.width)
-                fast = fast.to(device)
-            count = num_classes * settings.per_class
-            latent = torch.randn(count, settings.latent_dim, generator=generator).to(device)
-            latent.requires_grad_()
-            shifts.append(draw_jitter_shifts(losses_per_teacher, settings.jitter, generator))
-            fasts.append(fast)
-            latents.append(latent)
-            targets.append(
-                torch.arange(num_classes, device=device).repeat_interleave(settings.per_class)
-            )
-            optimizers.append(
-                torch.optim.Adam(
-                    [*fast.parameters(), latent], lr=settings.generator_lr, betas=(0.5, 0.999)
-                )
-            )
-        student_params = {k: v.detach() for k, v in student.named_parameters()}
-
-        def loss(step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-            images = [fast(latent) for fast, latent in zip(fasts, latents)]
-            step_shifts = None if settings.jitter == 0 else torch.stack([s[step] for s in shifts])
-            with inversion_autocast(settings.inversion_precision, device):
-                inversion, logits = stacked.loss(
-                    images, targets, weights, settings.jitter, generator, sampled, step_shifts
-                )
-            objective = inversion.total
-            if settings.adversarial_weight != 0:
-                for teacher_logits, teacher_images in zip(logits, images):
-                    student_logits = functional_call(student, student_params, (teacher_images,))
-                    adversarial = masked_adversarial_loss(
-                        teacher_logits, student_logits[:, : teacher_logits.shape[1]]
-                    )
-                    objective = objective + settings.adversarial_weight * adversarial
-            return images, objective
-
-        for step in range(settings.generator_steps):
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss(step)[1].backward()
-            for optimizer in optimizers:
-                optimizer.step()
-        gradients: list[list[torch.Tensor]] = [[] for _ in fasts]
-        if self.meta_generator:
-            images, objective = loss(settings.generator_steps)
-            params = [list(fast.parameters()) for fast in fasts]
-            flat = iter(torch.autograd.grad(objective, [p for ps in params for p in ps]))
-            gradients = [[next(flat) for _ in ps] for ps in params]
-        else:
-            images = [fast(latent) for fast, latent in zip(fasts, latents)]
-        return [
-            (image.detach().contiguous(memory_format=torch.channels_last), grads)
-            for image, grads in zip(images, gradients)
-        ]
+    def _meta_generator_optimizer(self, meta_gen: Generator) -> torch.optim.Optimizer:
+        settings: FreeSettings = self.settings  # type: ignore[assignment]
+        return torch.optim.Adam(meta_gen.parameters(), lr=settings.meta_generator_lr, betas=BETAS)
 
     @staticmethod
-    def _generator_loss(
-        teacher: nn.Module,
-        student: nn.Module,
-        student_params: Params,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        settings: FreeSettings,
-        weights: DeepInversionWeights,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        with inversion_autocast(settings.inversion_precision, images.device):
-            inversion = deep_inversion_loss(
-                teacher, images, targets, weights, settings.jitter, generator
-            )
-        if settings.adversarial_weight == 0:
-            return inversion.total
-        assert inversion.logits is not None
-        student_logits = functional_call(student, student_params, (images,))
-        adversarial = masked_adversarial_loss(
-            inversion.logits, student_logits[:, : inversion.logits.shape[1]]
-        )
-        return inversion.total + settings.adversarial_weight * adversarial
+    def _fresh_generator(meta_gen: Generator) -> Generator:
+        """The no-meta-generator ablation: a newly initialised generator for every teacher."""
+        fresh = Generator(meta_gen.image_size, meta_gen.latent_dim, meta_gen.width)
+        return fresh.to(next(meta_gen.parameters()).device)
 
-    def _learn_from_teachers(
+    def _sample_teachers(
+        self, context: MetaTrainContext, generator: torch.Generator
+    ) -> list[tuple[int, int]]:
+        """(teacher whose weights run, teacher whose classes label the images) per draw.
+
+        A zoo of several architectures draws one architecture per epoch and its teachers (the
+        authors' SH loop); under `sh_teachers: last-loaded` all of them then run the last drawn
+        teacher's weights, because their loop reloads one module (each keeps its class list)."""
+        settings: FreeSettings = self.settings  # type: ignore[assignment]
+        records = context.zoo.teachers
+        candidates = list(range(len(records)))
+        architectures = sorted({r.architecture for r in records})
+        if len(architectures) > 1:
+            chosen = architectures[
+                int(torch.randint(len(architectures), (1,), generator=generator))
+            ]
+            candidates = [i for i in candidates if records[i].architecture == chosen]
+        count = settings.teachers_per_epoch
+        if settings.teacher_sampling == "with-replacement":
+            picks = torch.randint(len(candidates), (count,), generator=generator).tolist()
+        else:
+            picks = torch.randperm(len(candidates), generator=generator)[:count].tolist()
+        drawn = [candidates[p] for p in picks]
+        if len(architectures) > 1 and settings.sh_teachers == "last-loaded":
+            return [(drawn[-1], classes) for classes in drawn]
+        return [(index, index) for index in drawn]
+
+    def _student_params(self, model: nn.Module, fast_student: Params | None) -> Params:
+        settings: FreeSettings = self.settings  # type: ignore[assignment]
+        if settings.adversarial_student == "last-replay-task" and fast_student is not None:
+            return fast_student
+        return {k: v.detach() for k, v in model.named_parameters()}
+
+    def _distil(
         self,
         model: nn.Module,
-        teachers: list[nn.Module],
-        recovered: list[tuple[int, torch.Tensor, torch.Tensor]],
+        meta_optimizer: torch.optim.Optimizer,
+        recoveries: list[tuple[RecoveryTarget, Recovery]],
         settings: FreeSettings,
+        generator: torch.Generator,
     ) -> None:
-        meta = {k: v.detach() for k, v in model.named_parameters()}
-        current = meta
-        copies = []
-        for index, images, _ in recovered:
-            with torch.no_grad():
-                logits = teachers[index](fit_to_teacher(teachers[index], images))
-                probs = F.softmax(logits / settings.kd_temperature, 1)
-            start = meta if self.align else current
-            fast = {k: v.clone().requires_grad_() for k, v in start.items()}
-            for _ in range(settings.kd_steps):
-                student = functional_call(model, fast, (images,))[:, : probs.shape[1]]
-                loss = distillation_loss(student, probs, settings.kd_temperature)
-                gradients = torch.autograd.grad(loss, list(fast.values()))
-                fast = {
-                    k: (v - settings.kd_lr * g).detach().requires_grad_()
-                    for (k, v), g in zip(fast.items(), gradients)
-                }
-            copies.append({k: v.detach() for k, v in fast.items()})
-            current = copies[-1]
-        new = alignment_update(meta, copies, settings.alignment_scale) if self.align else current
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(new[name])
+        """One crop and flip for all teachers' images (the authors' one transform call)."""
+        pixels = torch.stack([r.pixels for _, r in recoveries])
+        if settings.augmentation_padding:
+            pixels = CropFlip.draw(settings.augmentation_padding, generator).apply(
+                pixels, settings.augmentation_padding
+            )
+        inputs = [t.normalisation.apply(p) for (t, _), p in zip(recoveries, pixels)]
+        teachers = [t.teacher for t, _ in recoveries]
+        distil_and_align(model, meta_optimizer, teachers, inputs, settings, self.align)
 
     def _replay(
         self,
@@ -431,11 +536,15 @@ class Free(Method):
         context: MetaTrainContext,
         generator: torch.Generator,
         epoch: int,
-    ) -> int:
-        """MAML on memory tasks until the accuracy has not improved for `replay_patience`."""
+    ) -> tuple[int, Params]:
+        """MAML on memory tasks until the accuracy has not improved for `replay_patience`
+        meta-batches; also returns the last task's adapted weights (the authors' student)."""
         settings: FreeSettings = self.settings  # type: ignore[assignment]
         best, stale, batches = float("-inf"), 0, 0
-        while stale < settings.replay_patience and batches < settings.max_replay_batches:
+        last_task: Task | None = None
+        before_step: Params = {}
+        cap = settings.max_replay_batches
+        while stale < settings.replay_patience and (cap is None or batches < cap):
             tasks = [
                 memory.sample_task(context.ways, context.shots, settings.queries, generator)
                 for _ in range(settings.meta_batch)
@@ -447,34 +556,48 @@ class Free(Method):
                 settings.inner_steps,
                 settings.inner_lr,
                 settings.second_order,
+                reduction=settings.replay_reduction,
             )
             if not torch.isfinite(loss):
                 raise DfmlError(
                     f"{self.name}: non-finite meta-loss in replay at epoch {epoch}, meta-batch "
                     f"{batches + 1}; lower outer_lr"
                 )
+            last_task = tasks[-1]
+            before_step = {k: v.detach().clone() for k, v in model.named_parameters()}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             batches += 1
             best, stale = (accuracy, 0) if accuracy > best else (best, stale + 1)
-        return batches
+        assert last_task is not None
+        start = {k: v.requires_grad_() for k, v in before_step.items()}
+        adapted = inner_adapt(
+            model,
+            start,
+            last_task.support_images,
+            last_task.support_labels,
+            settings.inner_steps,
+            settings.inner_lr,
+            second_order=False,
+        )
+        return batches, {k: v.detach() for k, v in adapted.items()}
 
     def _finish(
         self,
         context: MetaTrainContext,
-        recovered: list[tuple[int, torch.Tensor, torch.Tensor]],
+        recoveries: list[tuple[RecoveryTarget, Recovery]],
         images_recovered: int,
         replay_batches: int,
     ) -> None:
         settings: FreeSettings = self.settings  # type: ignore[assignment]
-        tasks = images_recovered / (context.ways * settings.per_class)
+        tasks = max(images_recovered, 1) / (context.ways * settings.per_class)
         self.timings.extra.update(
             images_recovered=float(images_recovered),
             recovery_s_per_task=self.timings.recovery_seconds / tasks,
             replay_batches=float(replay_batches),
         )
-        if context.artifacts_dir is not None:
+        if context.artifacts_dir is not None and len(self.memory.rings) >= context.ways:
             # a pseudo task as meta-training replays them (one row per class), drawn with its own
             # generator so the picture never shifts the training's random stream
             task = self.memory.sample_task(
@@ -484,16 +607,17 @@ class Free(Method):
                 torch.Generator().manual_seed(context.seed),
             )
             save_task_grid(task, context.ways, context.artifacts_dir / "pseudo-task.png")
-            rows = []  # and the last epoch's images, one row per teacher
-            for _, images, local in recovered:
-                keep = torch.cat([torch.nonzero(local == c).flatten()[:4] for c in local.unique()])
-                rows.append(images[keep])
+        if context.artifacts_dir is not None:
+            rows = []  # and the last epoch's images, one row per teacher, 4 per class
+            for target, recovery in recoveries:
+                classes = len(target.class_ids)
+                rows.append(recovery.pixels[: 4 * classes])
             save_image_rows(rows, context.artifacts_dir / "recovered.png")
 
 
 @register_method
 class FreeNoAlign(Free):
-    """Ablation: plain multi-teacher KD into the meta-learner (no fast copies), then replay."""
+    """Ablation: no fast chain; all teachers' distillation gradients at the meta weights."""
 
     name = "free-no-align"
     align = False

@@ -32,7 +32,7 @@ from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, regist
 from dfml_bench.models import build_model
 
 State = dict[str, torch.Tensor]
-SUPPORTED = ("conv4", "conv4-gap")
+SUPPORTED = ("conv4", "conv4-gap", "conv4-gmp")
 
 
 class OtaSettings(FusionHeadSettings):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+GlobalPool = Literal["mean", "max"]
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -18,12 +22,17 @@ def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 class Conv4(nn.Module):
     """4 x [conv3x3 -> BN -> ReLU -> maxpool2] then a linear head on the flattened feature map.
 
-    `global_pool=True` averages the last map instead of flattening it, so one head fits any input
-    size (the MH meta-model of the authors' code); by default the head size follows `image_size`.
+    `global_pool` pools the last map to one value per channel instead of flattening it, so one
+    head fits any input size: "max" is the MH meta-model of FREE's code (AdaptiveMaxPool2d),
+    "mean" averages; by default (None) the head size follows `image_size`.
     """
 
     def __init__(
-        self, num_classes: int, image_size: int, width: int = 32, global_pool: bool = False
+        self,
+        num_classes: int,
+        image_size: int,
+        width: int = 32,
+        global_pool: GlobalPool | None = None,
     ) -> None:
         super().__init__()
         self.features = nn.Sequential(
@@ -35,12 +44,16 @@ class Conv4(nn.Module):
             side //= 2
         if side < 1:
             raise ValueError(f"Conv4 needs images of at least 16 px, got {image_size}")
-        self.feature_dim = width if global_pool else width * side * side
+        self.feature_dim = width if global_pool is not None else width * side * side
         self.head = nn.Linear(self.feature_dim, num_classes)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.features(images)
-        return maps.mean(dim=(2, 3)) if self.global_pool else maps.flatten(1)
+        if self.global_pool == "mean":
+            return maps.mean(dim=(2, 3))
+        if self.global_pool == "max":
+            return maps.amax(dim=(2, 3))
+        return maps.flatten(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))

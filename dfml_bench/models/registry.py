@@ -16,7 +16,9 @@ ModelFactory = Callable[[int, int], nn.Module]
 # "-authors": the ResNet stem of PURER's and FREE's network.py (3x3 stride 1, no ReLU, no max-pool)
 _ARCHITECTURES: dict[str, ModelFactory] = {
     "conv4": lambda num_classes, image_size: Conv4(num_classes, image_size),
-    "conv4-gap": lambda num_classes, image_size: Conv4(num_classes, image_size, global_pool=True),
+    "conv4-gap": lambda num_classes, image_size: Conv4(num_classes, image_size, global_pool="mean"),
+    # FREE's MH meta-model (network.py, arbitrary_input: AdaptiveMaxPool2d(1) before the head)
+    "conv4-gmp": lambda num_classes, image_size: Conv4(num_classes, image_size, global_pool="max"),
     "resnet10": lambda num_classes, image_size: FewShotResNet((1, 1, 1, 1), num_classes),
     "resnet18": lambda num_classes, image_size: FewShotResNet((2, 2, 2, 2), num_classes),
     "resnet10-authors": lambda num_classes, image_size: FewShotResNet(
