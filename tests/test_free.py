@@ -17,6 +17,7 @@ from dfml_bench.inversion.pixels import CropFlip, Normalisation
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method, method_names
 from dfml_bench.methods.free import (
     FreeSettings,
+    Recovery,
     RecoveryTarget,
     Student,
     adversarial_divergence,
@@ -331,3 +332,22 @@ def test_replay_learns_tasks_from_the_memory(toy_zoo: Zoo) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     method._replay(model, optimizer, memory, _context(toy_zoo), generator, 2)
     assert accuracy() > before + 20, (before, accuracy())
+
+
+def test_distillation_takes_teachers_with_different_class_counts(toy_zoo: Zoo) -> None:
+    """A zoo over 64 classes ends with a 4-class teacher: its images (4 x per_class) are
+    distilled next to 5-class ones under the same crop and flip."""
+    method = create_method("free", SHORT)
+    model, teachers, _ = _models(toy_zoo)
+    normalisation = Normalisation((0.5,) * 3, (0.25,) * 3)
+    recoveries = [
+        (
+            RecoveryTarget(teacher, normalisation, list(range(classes)), 0, index),
+            Recovery(torch.rand(classes * 4, 3, 32, 32), []),
+        )
+        for index, (teacher, classes) in enumerate(zip(teachers, (5, 4)))
+    ]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    method._distil(model, optimizer, recoveries, method.settings, torch.Generator())
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

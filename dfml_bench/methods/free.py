@@ -518,12 +518,12 @@ class Free(Method):
         settings: FreeSettings,
         generator: torch.Generator,
     ) -> None:
-        """One crop and flip for all teachers' images (the authors' one transform call)."""
-        pixels = torch.stack([r.pixels for _, r in recoveries])
+        """One crop and flip for all teachers' images (the authors' one transform call on the
+        stacked images; applied per teacher, so teachers with fewer classes fit too)."""
+        pixels = [r.pixels for _, r in recoveries]
         if settings.augmentation_padding:
-            pixels = CropFlip.draw(settings.augmentation_padding, generator).apply(
-                pixels, settings.augmentation_padding
-            )
+            augmentation = CropFlip.draw(settings.augmentation_padding, generator)
+            pixels = [augmentation.apply(p, settings.augmentation_padding) for p in pixels]
         inputs = [t.normalisation.apply(p) for (t, _), p in zip(recoveries, pixels)]
         teachers = [t.teacher for t, _ in recoveries]
         distil_and_align(model, meta_optimizer, teachers, inputs, settings, self.align)
