@@ -1,46 +1,68 @@
-"""The speed table: seconds per recovered task and the speed-up against PURER."""
+"""The speed table: time to quality per recoverer, and speed-ups paired by seed."""
 
 import pandas as pd
 
 from dfml_bench.reporting.speed import speed_markdown, speed_table
 
 
+def _run(method: str, seed: int, **ttq: float) -> dict:
+    return dict(
+        scenario="ss",
+        method=method,
+        shots=1,
+        seed=seed,
+        protocol="clean",
+        device="cpu (test)",
+        torch="2.x",
+        **{f"ttq_{k}": v for k, v in ttq.items()},
+    )
+
+
 def _frame() -> pd.DataFrame:
     rows = []
-    for method, per_task in (("purer", 2.0), ("free", 0.1), ("random", None)):
-        for protocol in ("paper", "clean"):
-            rows.append(
-                dict(
-                    scenario="ss",
-                    method=method,
-                    shots=5,
-                    protocol=protocol,
-                    recovered_images=None if per_task is None else 1000,
-                    recovery_s=None if per_task is None else 10 * per_task,
-                    recovery_s_per_task=per_task,
-                    meta_train_s=30.0,
-                    device="cpu (test)",
-                    torch="2.x",
-                )
+    for seed, (meta, scratch, own, eci) in enumerate(
+        [(0.5, 10.0, 18.0, 5.0), (1.0, 12.0, 14.0, 6.0)]
+    ):
+        rows.append(
+            _run(
+                "free",
+                seed,
+                meta_generator_s=meta,
+                meta_generator_steps=1.0,
+                meta_generator_reached=1.0,
+                scratch_s=scratch,
+                scratch_steps=40.0,
+                scratch_reached=0.8,
+                speedup_vs_scratch=own,
             )
+        )
+        rows.append(_run("purer", seed, eci_pool_s=eci, eci_pool_steps=30.0, eci_pool_reached=1.0))
+        rows.append(_run("random", seed))
+        rows.append({**rows[-2], "protocol": "paper", "ttq_eci_pool_s": 999.0})  # ignored
     return pd.DataFrame(rows)
 
 
-def test_speedup_is_purers_seconds_per_task_over_the_methods() -> None:
-    table = speed_table(_frame()).set_index("method")
-    assert set(table.index) == {"purer", "free"}  # random recovers nothing: no row
-    assert table.loc["purer", "speedup_vs_purer"] == 1.0
-    assert table.loc["free", "speedup_vs_purer"] == 20.0
+def test_rows_per_recoverer_with_speedups_paired_by_seed() -> None:
+    table = speed_table(_frame()).set_index(["method", "recoverer"])
+    assert set(table.index) == {
+        ("free", "meta_generator"),
+        ("free", "scratch"),
+        ("purer", "eci_pool"),
+    }  # random recovers nothing; paper-protocol records are not read
+    meta = table.loc[("free", "meta_generator")]
+    assert meta["seeds"] == 2 and meta["seconds"] == 0.75
+    assert meta["vs_scratch"] == 16.0  # the runs' own probe-wise ratios, averaged
+    assert meta["vs_scratch_range"] == "14.00–18.00"
+    assert meta["vs_eci_pool"] == (5.0 / 0.5 + 6.0 / 1.0) / 2
+    purer = table.loc[("purer", "eci_pool")]
+    assert purer["vs_scratch"] == (10.0 / 5.0 + 12.0 / 6.0) / 2
+    assert purer["vs_eci_pool"] == 1.0
+    assert table.loc[("free", "scratch")]["reached"] == 0.8
 
 
-def test_speed_markdown_names_the_device_and_torch() -> None:
+def test_speed_markdown_names_the_measure_the_device_and_torch() -> None:
     text = speed_markdown(_frame())
-    assert "cpu (test)" in text and "torch 2.x" in text and "20.000" in text
-
-
-def test_several_seeds_compare_against_purers_mean_over_seeds() -> None:
-    frame = pd.concat([_frame().assign(seed=0), _frame().assign(seed=1)], ignore_index=True)
-    seed1 = (frame["seed"] == 1) & (frame["method"] == "purer")
-    frame.loc[seed1, "recovery_s_per_task"] = 4.0  # PURER: 2 s and 4 s, mean 3 s
-    table = speed_table(frame).set_index("method")
-    assert table.loc["free", "speedup_vs_purer"] == 30.0
+    assert "time to quality" in text and "cpu (test)" in text and "torch 2.x" in text
+    assert "FREE meta-generator" in text and "16.000" in text
+    empty = speed_markdown(_frame()[lambda f: f["method"] == "random"])
+    assert "No run measured its time to quality" in empty

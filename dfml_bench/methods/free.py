@@ -41,6 +41,16 @@ from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.evaluation.recovery_speed import (
+    TimeToQuality,
+    TimeToQualitySettings,
+    probe_generator,
+    probe_teachers,
+    speedup,
+    summarise,
+    teacher_agreement,
+    time_to_quality,
+)
 from dfml_bench.fidelity import FidelitySettings
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss, fit_to_teacher
 from dfml_bench.inversion.generator import Generator
@@ -71,9 +81,10 @@ MetaGeneratorOptimizer = Literal["fresh-per-epoch", "persistent"]
 Reduction = Literal["sum", "mean"]
 
 BETAS = (0.5, 0.999)  # the generators' Adam (the authors' Synthesizer)
+PROBE_INIT_OFFSET = 5_000_011  # seeds the from-scratch generators of the speed probes
 
 
-class FreeSettings(FidelitySettings):
+class FreeSettings(TimeToQualitySettings, FidelitySettings):
     """Defaults are the authors' main.py and scripts; budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
@@ -193,6 +204,96 @@ class Recovery:
     trace: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
+class TaskRecovery:
+    """One teacher's recovery, one generator update at a time (the authors' synthesize for one
+    teacher): `recover_task` runs it `generator_steps` times; the time-to-quality measurement
+    runs it until the teacher recognises the images."""
+
+    def __init__(
+        self,
+        source: Generator,
+        target: RecoveryTarget,
+        latent: torch.Tensor,
+        settings: FreeSettings,
+        student: Student | None,
+        draw_augmentation: Callable[[], CropFlip | None],
+    ) -> None:
+        classes = len(target.class_ids)
+        self.target, self.settings, self.student = target, settings, student
+        self.draw_augmentation = draw_augmentation
+        self.targets = torch.arange(classes, device=latent.device)
+        self.targets = self.targets.repeat(latent.shape[0] // classes)  # 0, 1, ..., C-1, 0, ...
+        with torch.no_grad():
+            source(latent)  # the authors' discarded forward: it moves the source's BN statistics
+        self.fast = copy.deepcopy(source)
+        self.latent = latent.detach().clone().requires_grad_()
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(self.fast.parameters())},
+                {"params": [self.latent], "lr": settings.latent_lr},
+            ],
+            lr=settings.generator_lr,
+            betas=BETAS,
+        )
+        self.weights = DeepInversionWeights(
+            bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
+        )
+
+    def pixels(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fast(self.latent)
+
+    def quality(self) -> float:
+        """Share of the current images (no augmentation) the teacher assigns to their class."""
+        inputs = self.target.normalisation.apply(self.pixels())
+        return teacher_agreement(self.target.teacher, inputs, self.targets)
+
+    def step(self, keep_gradient: bool = False) -> dict[str, torch.Tensor]:
+        """One update of the fast generator and the latent; with `keep_gradient`, the loss
+        gradient at the generator's current weights is kept as `gradient` (the meta-gradient:
+        taken before the update). Returns what the step saw, for traces."""
+        settings, teacher = self.settings, self.target.teacher
+        pixels = self.fast(self.latent)
+        augmentation = self.draw_augmentation()
+        shown = pixels
+        if augmentation is not None:
+            shown = augmentation.apply(pixels, settings.augmentation_padding)
+        inputs = self.target.normalisation.apply(shown)
+        if settings.recovery_loss == "ce":
+            logits = teacher(fit_to_teacher(teacher, inputs))
+            inversion = F.cross_entropy(logits, self.targets)
+        else:
+            result = deep_inversion_loss(teacher, inputs, self.targets, self.weights, 0)
+            assert result.logits is not None
+            logits, inversion = result.logits, result.total
+        loss, adversarial = inversion, torch.zeros(())
+        mask = torch.zeros(len(self.targets))
+        if self.student is not None and settings.adversarial_weight != 0:
+            with torch.no_grad():
+                student_logits = functional_call(
+                    self.student.model, self.student.params, (inputs,)
+                )[:, : logits.shape[1]]
+            mask = (student_logits.argmax(1) == logits.argmax(1)).to(logits.dtype)
+            divergence = adversarial_divergence(
+                logits, student_logits, settings.adversarial_divergence or "probabilities"
+            )
+            adversarial = -(divergence * mask).mean()
+            loss = inversion + settings.adversarial_weight * adversarial
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if keep_gradient:
+            self.gradient = [p.grad.detach().clone() for p in self.fast.parameters()]  # type: ignore[union-attr]
+        self.optimizer.step()
+        return {
+            "pixels": pixels.detach(),
+            "inputs": inputs.detach(),
+            "ce": inversion.detach(),
+            "adversarial": adversarial.detach(),
+            "total": loss.detach(),
+            "mask": mask.detach(),
+        }
+
+
 def recover_task(
     source: Generator,
     target: RecoveryTarget,
@@ -202,68 +303,15 @@ def recover_task(
     draw_augmentation: Callable[[], CropFlip | None],
     keep_trace: bool = False,
 ) -> Recovery:
-    """Adapt a copy of `source` and `latent` to one teacher (the authors' synthesize, one
-    teacher). Targets cycle through the teacher's classes (0, 1, ..., C-1, 0, ...)."""
-    classes = len(target.class_ids)
-    targets = torch.arange(classes, device=latent.device).repeat(latent.shape[0] // classes)
-    with torch.no_grad():
-        source(latent)  # the authors' discarded forward: it moves the source's BN statistics
-    fast = copy.deepcopy(source)
-    latent = latent.detach().clone().requires_grad_()
-    optimizer = torch.optim.Adam(
-        [{"params": list(fast.parameters())}, {"params": [latent], "lr": settings.latent_lr}],
-        lr=settings.generator_lr,
-        betas=BETAS,
-    )
-    weights = DeepInversionWeights(
-        bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
-    )
-    trace: list[dict[str, torch.Tensor]] = []
-    gradient: list[torch.Tensor] = []
+    """Adapt a copy of `source` and `latent` to one teacher for `generator_steps` updates;
+    the images kept are those the last update saw (made before it, as the authors keep)."""
+    recovery = TaskRecovery(source, target, latent, settings, student, draw_augmentation)
+    trace = []
     for step in range(settings.generator_steps):
-        pixels = fast(latent)
-        augmentation = draw_augmentation()
-        shown = (
-            pixels
-            if augmentation is None
-            else augmentation.apply(pixels, settings.augmentation_padding)
-        )
-        inputs = target.normalisation.apply(shown)
-        if settings.recovery_loss == "ce":
-            logits = target.teacher(fit_to_teacher(target.teacher, inputs))
-            inversion = F.cross_entropy(logits, targets)
-        else:
-            result = deep_inversion_loss(target.teacher, inputs, targets, weights, 0)
-            assert result.logits is not None
-            logits, inversion = result.logits, result.total
-        loss, adversarial, mask = inversion, torch.zeros(()), torch.zeros(len(targets))
-        if student is not None and settings.adversarial_weight != 0:
-            with torch.no_grad():
-                student_logits = functional_call(student.model, student.params, (inputs,))
-                student_logits = student_logits[:, :classes]
-            mask = (student_logits.argmax(1) == logits.argmax(1)).to(logits.dtype)
-            divergence = adversarial_divergence(
-                logits, student_logits, settings.adversarial_divergence or "probabilities"
-            )
-            adversarial = -(divergence * mask).mean()
-            loss = inversion + settings.adversarial_weight * adversarial
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == settings.generator_steps - 1:  # the meta-gradient: before the last update
-            gradient = [p.grad.detach().clone() for p in fast.parameters()]  # type: ignore[union-attr]
-        optimizer.step()
+        seen = recovery.step(keep_gradient=step == settings.generator_steps - 1)
         if keep_trace:
-            trace.append(
-                {
-                    "pixels": pixels.detach(),
-                    "inputs": inputs.detach(),
-                    "ce": inversion.detach(),
-                    "adversarial": adversarial.detach(),
-                    "total": loss.detach(),
-                    "mask": mask.detach(),
-                }
-            )
-    return Recovery(pixels.detach(), gradient, trace)  # the last step's images
+            trace.append(seen)
+    return Recovery(seen["pixels"], recovery.gradient, trace)
 
 
 def meta_generator_step(
@@ -464,8 +512,59 @@ class Free(Method):
                 if epoch == settings.epochs:
                     self._finish(context, recoveries, images_recovered, replay_batches)
                     self.timings.extra["adversarial_epochs"] = float(adversarial_epochs)
+                    self.timings.extra.update(
+                        self._time_to_quality(context, teachers, normalisations, meta_gen)
+                    )
                 yield Checkpoint(iteration=epoch, model=copy.deepcopy(model))
             context.resume.step(epoch, state, force=epoch in evaluate_at)
+
+    def _time_to_quality(
+        self,
+        context: MetaTrainContext,
+        teachers: list[nn.Module],
+        normalisations: list[Normalisation],
+        meta_gen: Generator,
+    ) -> dict[str, float]:
+        """Recovery of each probe teacher's task from the meta-generator and from a freshly
+        initialised generator, the same updates (no adversary: recovery alone), until the
+        teacher recognises the images (see `dfml_bench.evaluation.recovery_speed`)."""
+        settings: FreeSettings = self.settings  # type: ignore[assignment]
+        if settings.time_to_quality_probes == 0:
+            return {}
+        records, datasets = context.zoo.teachers, context.zoo.datasets
+        generator = probe_generator(context.seed)
+        padding = settings.augmentation_padding
+
+        def draw() -> CropFlip | None:
+            return CropFlip.draw(padding, generator) if padding else None
+
+        results: dict[str, list[TimeToQuality]] = {"meta_generator": [], "scratch": []}
+        for index in probe_teachers(len(records), settings.time_to_quality_probes, context.seed):
+            dataset = datasets.index(records[index].dataset)
+            target = RecoveryTarget(
+                teachers[index], normalisations[dataset], records[index].class_ids, dataset, index
+            )
+            count = len(target.class_ids) * settings.per_class
+            latent = torch.randn(count, settings.latent_dim, generator=generator)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(context.seed + PROBE_INIT_OFFSET + index)
+                scratch = self._fresh_generator(meta_gen)
+            for name, source in (("meta_generator", copy.deepcopy(meta_gen)), ("scratch", scratch)):
+                recovery = TaskRecovery(
+                    source, target, latent.to(context.device), settings, None, draw
+                )
+                results[name].append(
+                    time_to_quality(
+                        recovery.step,
+                        recovery.quality,
+                        settings.time_to_quality_threshold,
+                        settings.time_to_quality_max_steps,
+                        context.device,
+                    )
+                )
+        fields = summarise(results, settings.time_to_quality_max_steps)
+        fields["ttq_speedup_vs_scratch"] = speedup(results["scratch"], results["meta_generator"])
+        return fields
 
     def _meta_generator_optimizer(self, meta_gen: Generator) -> torch.optim.Optimizer:
         settings: FreeSettings = self.settings  # type: ignore[assignment]

@@ -29,6 +29,15 @@ from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.evaluation.recovery_speed import (
+    PoolRecovery,
+    TimeToQuality,
+    TimeToQualitySettings,
+    probe_generator,
+    probe_teachers,
+    summarise,
+    time_to_quality,
+)
 from dfml_bench.fidelity import FidelitySettings
 from dfml_bench.inversion import (
     DeepInversionWeights,
@@ -58,7 +67,7 @@ PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 quer
 CurriculumTrigger = Literal["authors", "all-time-best"]
 
 
-class PurerSettings(InversionSpeedSettings, FidelitySettings):
+class PurerSettings(InversionSpeedSettings, TimeToQualitySettings, FidelitySettings):
     """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
@@ -401,9 +410,47 @@ class Purer(Method):
             self.timings.extra["first_adversarial_iteration"] = float(first_adversarial)
         tasks = pool.num_images / (context.ways * pool.per_class)
         self.timings.extra["recovery_s_per_task"] = self.timings.recovery_seconds / tasks
+        self.timings.extra.update(self._time_to_quality(context, pool.per_class, settings))
         if context.artifacts_dir is not None:
             task = pool.sample_task(context.ways, context.shots, settings.queries, generator)
             save_task_grid(task, context.ways, context.artifacts_dir / "pseudo-task.png")
+
+    def _time_to_quality(
+        self, context: MetaTrainContext, per_class: int, settings: PurerSettings
+    ) -> dict[str, float]:
+        """ECI's per-teacher inversion from a fresh block, on the seed's probe teachers (see
+        `dfml_bench.evaluation.recovery_speed`)."""
+        if settings.time_to_quality_probes == 0:
+            return {}
+        teachers = load_teachers(context)
+        generator = probe_generator(context.seed)
+        weights = DeepInversionWeights(
+            bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
+        )
+        results: list[TimeToQuality] = []
+        records = context.zoo.teachers
+        for index in probe_teachers(len(records), settings.time_to_quality_probes, context.seed):
+            block = PoolRecovery(
+                teachers[index],
+                len(records[index].class_ids),
+                per_class,
+                context.meta_model.image_size,
+                weights,
+                settings.jitter,
+                settings.pool_lr,
+                generator,
+                context.device,
+            )
+            results.append(
+                time_to_quality(
+                    block.step,
+                    block.quality,
+                    settings.time_to_quality_threshold,
+                    settings.time_to_quality_max_steps,
+                    context.device,
+                )
+            )
+        return summarise({"eci_pool": results}, settings.time_to_quality_max_steps)
 
 
 @register_method

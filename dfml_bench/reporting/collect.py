@@ -9,6 +9,7 @@ import pandas as pd
 
 from dfml_bench import atomic
 from dfml_bench.errors import DfmlError
+from dfml_bench.reporting.speed import TTQ_FIELDS
 
 SUMMARY_COLUMNS = [
     "scenario",
@@ -31,6 +32,7 @@ SUMMARY_COLUMNS = [
     "recovery_s",
     "recovered_images",
     "recovery_s_per_task",
+    *TTQ_FIELDS,
     "icfil",
     "icfil_s_per_task",
     "eval_s",
@@ -75,6 +77,7 @@ def read_records(results_dir: Path) -> pd.DataFrame:
                 "machine": env.get("machine"),
                 "recovered_images": timings.get("images_recovered", timings.get("pseudo_images")),
                 "recovery_s_per_task": timings.get("recovery_s_per_task"),
+                **{field: timings.get(field) for field in TTQ_FIELDS},
                 "test_steps": record.get("spec", {}).get("evaluation", {}).get("inner_steps"),
                 "test_lr": record.get("spec", {}).get("evaluation", {}).get("inner_lr"),
                 "fused_head": (record.get("method_settings") or {}).get("head"),

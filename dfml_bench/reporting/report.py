@@ -19,7 +19,7 @@ SCENARIO_ORDER = ("ss", "sh", "mh")
 FIGURE_CAPTIONS = {
     "pseudo-tasks": "recovered pseudo data per method",
     "curves": "meta-test accuracy during meta-training (95% CI bands)",
-    "tradeoff": "accuracy against data-recovery seconds per task",
+    "tradeoff": "accuracy against the seconds until a recovered task reaches the quality",
 }
 
 
