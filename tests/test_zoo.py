@@ -219,3 +219,19 @@ def test_authors_recipes_keep_the_last_epoch() -> None:
         recipe = load_recipe(path)
         assert recipe.keep_epoch == "last", path.name
         assert "best epoch kept" not in recipe.description, path.name
+
+
+def test_family_milestones_follow_frees_pretraining_and_leave_other_fingerprints() -> None:
+    """FREE's tools.py: Conv4 never decays within 60 epochs (milestone 70), ResNets decay at 30
+    and 50; recipes without the field keep the fingerprint they had."""
+    from dfml_bench.zoo.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "model_zoo_recipes"
+    free = load_recipe(root / "paper-free-sh-cifar-fs-mixed.yaml")
+    assert free.milestone_epochs("conv4") == []
+    assert free.milestone_epochs("resnet18-authors") == [30, 50]
+    cub = load_recipe(root / "paper-free-ss-cub-conv4.yaml")
+    assert cub.epochs == 100 and cub.milestone_epochs("conv4") == [70]
+    default = load_recipe(root / "ss-glyphs-conv4.yaml")
+    assert default.fingerprint() == "760de76ff4bd93a9"
+    assert default.milestone_epochs("conv4") == [2, 3]

@@ -56,6 +56,11 @@ class ZooRecipe(BaseModel):
     epochs: int = Field(ge=1)
     batch_size: int = Field(128, ge=1)
     milestones: list[float] = Field(default=[0.5, 2 / 3, 5 / 6])
+    family_milestones: dict[Literal["conv4", "resnet"], list[float]] = Field(
+        default_factory=dict,
+        description="milestones per architecture family, replacing `milestones` for it (FREE's "
+        "pretrain: none within 60 epochs for Conv4, 30 and 50 of 60 for ResNets)",
+    )
     lr_decay: float = Field(0.2, gt=0, le=1)
     grad_clip: float = Field(50.0, gt=0)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
@@ -108,22 +113,33 @@ class ZooRecipe(BaseModel):
 
     @model_validator(mode="after")
     def _milestones_are_fractions(self) -> ZooRecipe:
-        if any(not 0 < m < 1 for m in self.milestones):
+        every = [*self.milestones, *(m for ms in self.family_milestones.values() for m in ms)]
+        if any(not 0 < m < 1 for m in every):
             raise ValueError("milestones are fractions of the epochs, each in (0, 1)")
         return self
 
     def optimizer_for(self, architecture: str) -> OptimizerSpec:
-        family = "resnet" if architecture.startswith("resnet") else "conv4"
-        return self.optimizers.get(architecture) or self.optimizers[family]
+        return self.optimizers.get(architecture) or self.optimizers[_family(architecture)]
+
+    def milestone_epochs(self, architecture: str) -> list[int]:
+        """Epochs after which the learning rate decays, for this architecture."""
+        fractions = self.family_milestones.get(_family(architecture), self.milestones)
+        return sorted({max(1, int(f * self.epochs)) for f in fractions})
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the teachers (not the description).
 
-        `keep_epoch` enters only when not "best", so recipes written before it existed keep
-        their fingerprint (zoos and results are keyed by it)."""
+        `keep_epoch` enters only when not "best" and `family_milestones` only when set, so
+        recipes written before they existed keep their fingerprint (zoos and results are keyed
+        by it)."""
         excluded = {"description"} | ({"keep_epoch"} if self.keep_epoch == "best" else set())
+        excluded |= set() if self.family_milestones else {"family_milestones"}
         payload = self.model_dump(exclude=excluded)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _family(architecture: str) -> Literal["conv4", "resnet"]:
+    return "resnet" if architecture.startswith("resnet") else "conv4"
 
 
 def load_recipe(path: Path | str) -> ZooRecipe:

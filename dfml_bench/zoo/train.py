@@ -209,7 +209,7 @@ def _train_teacher(
         optimizer = torch.optim.SGD(
             model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
         )
-    milestones = sorted({max(1, int(f * recipe.epochs)) for f in recipe.milestones})
+    milestones = recipe.milestone_epochs(plan.architecture)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=recipe.lr_decay)
 
     keep_last = recipe.keep_epoch == "last"
