@@ -78,7 +78,10 @@ ASSUMPTIONS = (
     "meta-iteration scaled to the meta-batch); the curriculum's adversarial term is not counted",
     "FREE: warm-up epochs x synthesis + other epochs x epoch without replay, both scaled to "
     "teachers per epoch x generator steps x images; replay = replay_patience meta-batches per "
-    "epoch (the least it can do; max_replay_batches is the cap)",
+    "epoch (the least it can do; max_replay_batches is the cap), at the benchmark's "
+    "second-order cost per image",
+    "the time-to-quality probes that end PURER and FREE runs (at most probes x max_steps "
+    "updates per recoverer, usually far fewer) are not counted",
     "DRO: inversion (images x steps, at the ECI data step's cost per image-step) + iterations x "
     "teachers_per_step x (ascent_steps + 1) distillation passes; OTA, Average, Random: no "
     "meta-training cost",
