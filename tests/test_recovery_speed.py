@@ -46,10 +46,14 @@ def test_probes_are_the_same_for_every_method_of_a_seed() -> None:
     assert len(probe_teachers(3, 5, 0)) == 3
 
 
-def test_speedup_is_the_median_probe_ratio() -> None:
+def test_speedup_is_the_median_probe_ratio_with_its_extremes() -> None:
     slow = [TimeToQuality(10, s, 0.9) for s in (10.0, 20.0, 30.0)]
     fast = [TimeToQuality(1, s, 0.9) for s in (1.0, 1.0, 10.0)]
-    assert speedup(slow, fast) == 10.0
+    assert speedup(slow, fast, "x") == {
+        "ttq_speedup_x": 10.0,
+        "ttq_speedup_x_min": 3.0,
+        "ttq_speedup_x_max": 20.0,
+    }
 
 
 def test_inverting_a_block_raises_the_teachers_agreement(toy_zoo: Zoo) -> None:

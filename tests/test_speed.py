@@ -34,6 +34,8 @@ def _frame() -> pd.DataFrame:
                 scratch_steps=40.0,
                 scratch_reached=0.8,
                 speedup_vs_scratch=own,
+                speedup_vs_scratch_min=own / 2,
+                speedup_vs_scratch_max=own * 2,
             )
         )
         rows.append(_run("purer", seed, eci_pool_s=eci, eci_pool_steps=30.0, eci_pool_reached=1.0))
@@ -53,6 +55,7 @@ def test_rows_per_recoverer_with_speedups_paired_by_seed() -> None:
     assert meta["seeds"] == 2 and meta["seconds"] == 0.75
     assert meta["vs_scratch"] == 16.0  # the runs' own probe-wise ratios, averaged
     assert meta["vs_scratch_range"] == "14.00–18.00"
+    assert meta["vs_scratch_tasks"] == "7.00–36.00"  # smallest and largest probe task
     assert meta["vs_eci_pool"] == (5.0 / 0.5 + 6.0 / 1.0) / 2
     purer = table.loc[("purer", "eci_pool")]
     assert purer["vs_scratch"] == (10.0 / 5.0 + 12.0 / 6.0) / 2

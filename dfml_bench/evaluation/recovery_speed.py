@@ -146,6 +146,12 @@ def summarise(results: dict[str, list[TimeToQuality]], max_steps: int) -> dict[s
     return fields
 
 
-def speedup(slow: list[TimeToQuality], fast: list[TimeToQuality]) -> float:
-    """Median over probes of slow seconds / fast seconds (the same probe task for both)."""
-    return statistics.median(s.seconds / max(f.seconds, 1e-9) for s, f in zip(slow, fast))
+def speedup(slow: list[TimeToQuality], fast: list[TimeToQuality], name: str) -> dict[str, float]:
+    """Slow seconds / fast seconds per probe task (the same task for both): the median and the
+    smallest and largest, as record fields `ttq_speedup_<name>`, `_min`, `_max`."""
+    ratios = [s.seconds / max(f.seconds, 1e-9) for s, f in zip(slow, fast)]
+    return {
+        f"ttq_speedup_{name}": statistics.median(ratios),
+        f"ttq_speedup_{name}_min": min(ratios),
+        f"ttq_speedup_{name}_max": max(ratios),
+    }

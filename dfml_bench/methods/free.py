@@ -563,8 +563,7 @@ class Free(Method):
                     )
                 )
         fields = summarise(results, settings.time_to_quality_max_steps)
-        fields["ttq_speedup_vs_scratch"] = speedup(results["scratch"], results["meta_generator"])
-        return fields
+        return fields | speedup(results["scratch"], results["meta_generator"], "vs_scratch")
 
     def _meta_generator_optimizer(self, meta_gen: Generator) -> torch.optim.Optimizer:
         settings: FreeSettings = self.settings  # type: ignore[assignment]

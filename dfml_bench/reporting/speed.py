@@ -33,6 +33,7 @@ SPEED_COLUMNS = [
     "reached",
     "vs_scratch",
     "vs_scratch_range",
+    "vs_scratch_tasks",
     "vs_eci_pool",
     "vs_eci_pool_range",
 ]
@@ -58,6 +59,8 @@ def _probe_rows(frame: pd.DataFrame) -> pd.DataFrame:
                     "updates": run.get(f"ttq_{name}_steps"),
                     "reached": run.get(f"ttq_{name}_reached"),
                     "own_speedup": run.get("ttq_speedup_vs_scratch"),
+                    "own_min": run.get("ttq_speedup_vs_scratch_min"),
+                    "own_max": run.get("ttq_speedup_vs_scratch_max"),
                 }
             )
     return pd.DataFrame(rows)
@@ -88,12 +91,20 @@ def speed_table(frame: pd.DataFrame) -> pd.DataFrame:
     # a FREE run's own meta-generator: the probe-wise median ratio against its own scratch
     own = (probes["recoverer"] == "meta_generator") & probes["own_speedup"].notna()
     probes.loc[own, "vs_scratch"] = probes.loc[own, "own_speedup"]
+    probes["task_min"] = probes["own_min"].where(own)
+    probes["task_max"] = probes["own_max"].where(own)
 
     def spread(values: pd.Series) -> str:
         values = values.dropna()
         return "—" if values.empty else f"{values.min():.2f}–{values.max():.2f}"
 
-    grouped = probes.groupby(["scenario", "shots", "method", "recoverer"], as_index=False)
+    def tasks(group: pd.DataFrame) -> str:
+        low, high = group["task_min"].dropna(), group["task_max"].dropna()
+        return "—" if low.empty else f"{low.min():.2f}–{high.max():.2f}"
+
+    keys = ["scenario", "shots", "method", "recoverer"]
+    task_ranges = {key: tasks(group) for key, group in probes.groupby(keys)}
+    grouped = probes.groupby(keys, as_index=False)
     table = grouped.agg(
         seeds=("seconds", "size"),
         seconds=("seconds", "mean"),
@@ -104,7 +115,8 @@ def speed_table(frame: pd.DataFrame) -> pd.DataFrame:
         vs_eci_pool=("vs_eci_pool", "mean"),
         vs_eci_pool_range=("vs_eci_pool", spread),
     )
-    return table[SPEED_COLUMNS].sort_values(["scenario", "shots", "method", "recoverer"])
+    table["vs_scratch_tasks"] = [task_ranges[key] for key in zip(*(table[k] for k in keys))]
+    return table[SPEED_COLUMNS].sort_values(keys)
 
 
 def speed_markdown(frame: pd.DataFrame) -> str:
@@ -120,7 +132,8 @@ def speed_markdown(frame: pd.DataFrame) -> str:
         "spent). `vs_scratch` and `vs_eci_pool`: how many times faster than a generator "
         "trained from scratch and than a fresh ECI pool block on the same probe tasks of the "
         "same seed (for FREE's meta-generator against scratch: the median of the per-task "
-        "ratios), with their range over seeds. "
+        "ratios, and in `vs_scratch_tasks` the smallest to largest ratio over probe tasks), "
+        "with their range over seeds. "
         f"Device: {devices}; torch {torches}.\n\n"
     )
     if table.empty:
