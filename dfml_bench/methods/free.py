@@ -65,7 +65,7 @@ from dfml_bench.methods.base import (
     checkpoint_iterations,
     register_method,
 )
-from dfml_bench.methods.maml import Params, inner_adapt, maml_outer_loss
+from dfml_bench.methods.maml import Params, Reduction, inner_adapt, maml_outer_loss
 from dfml_bench.methods.purer import load_teachers
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
@@ -78,7 +78,6 @@ ShTeachers = Literal["last-loaded", "as-sampled"]
 TeacherSampling = Literal["with-replacement", "without-replacement"]
 RecoveryLoss = Literal["ce", "deepinversion"]
 MetaGeneratorOptimizer = Literal["fresh-per-epoch", "persistent"]
-Reduction = Literal["sum", "mean"]
 
 BETAS = (0.5, 0.999)  # the generators' Adam (the authors' Synthesizer)
 PROBE_INIT_OFFSET = 5_000_011  # seeds the from-scratch generators of the speed probes
@@ -127,13 +126,21 @@ class FreeSettings(TimeToQualitySettings, FidelitySettings):
     tv_weight: float = Field(1e-4, ge=0, description="recovery_loss deepinversion only")
     l2_weight: float = Field(1e-5, ge=0, description="recovery_loss deepinversion only")
     adversarial_weight: float = Field(1.0, ge=0)
-    adversarial_divergence: Divergence | None = None
-    adversarial_student: AdversarialStudent | None = None
-    memory_source: MemorySource | None = None
+    adversarial_divergence: Divergence | None = Field(
+        None, description="probabilities: the authors' kl_div on probabilities; kl: KL(s || t)"
+    )
+    adversarial_student: AdversarialStudent | None = Field(
+        None, description="the last replay task's adapted weights (authors) or the meta-model"
+    )
+    memory_source: MemorySource | None = Field(
+        None, description="whose images the memory stores: the last sampled teacher (authors)"
+    )
     memory_batches_per_class: int | None = Field(
         20, ge=1, description="ring of writes per class (the authors' max_batch_per_class)"
     )
-    kd_loss: Divergence | None = None
+    kd_loss: Divergence | None = Field(
+        None, description="probabilities: the authors' kl_div on probabilities; kl: KL(t || s)"
+    )
     kd_lr: float = Field(1e-3, gt=0, description="Adam of the fast copy (the authors' outer_lr)")
     alignment_scale: float = Field(67.0, gt=0, description="Reptile gradient factor")
     meta_batch: int = Field(10, ge=1, description="replay tasks per meta-step (episode_batch)")
