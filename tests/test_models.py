@@ -36,3 +36,16 @@ def test_unknown_architecture_is_a_clear_error() -> None:
     with pytest.raises(DfmlError, match="unknown architecture 'vgg'"):
         build_model("vgg", 5, 32)
     assert {"conv4", "resnet10", "resnet18"} <= set(architecture_names())
+
+
+def test_global_pools_take_the_mean_or_the_max_of_the_last_map() -> None:
+    """conv4-gap averages the last feature map, conv4-gmp (FREE's MH meta-model, their
+    AdaptiveMaxPool2d) takes its maximum; both give one head for any input size."""
+    torch.manual_seed(0)
+    mean_pool, max_pool = build_model("conv4-gap", 5, 84), build_model("conv4-gmp", 5, 84)
+    max_pool.load_state_dict(mean_pool.state_dict())
+    images = torch.randn(2, 3, 84, 84)
+    maps = mean_pool.eval().features(images)
+    torch.testing.assert_close(mean_pool.embed(images), maps.mean(dim=(2, 3)))
+    torch.testing.assert_close(max_pool.eval().embed(images), maps.amax(dim=(2, 3)))
+    assert max_pool(torch.randn(2, 3, 32, 32)).shape == (2, 5)
