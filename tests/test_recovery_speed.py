@@ -16,6 +16,7 @@ from dfml_bench.evaluation.recovery_speed import (
 )
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.methods import create_method
+from dfml_bench.reporting.speed import TTQ_FIELDS
 from dfml_bench.zoo.manifest import Zoo
 from tests.test_free import SHORT, _context
 
@@ -87,6 +88,8 @@ def test_runs_record_their_time_to_quality(toy_zoo: Zoo, tmp_path: Path, method:
         assert 0 <= extra[f"ttq_{name}_reached"] <= 1
     if method == "free":
         assert extra["ttq_speedup_vs_scratch"] > 0
+    # everything recorded reaches the summary (collect) and so the speed table
+    assert {key for key in extra if key.startswith("ttq_")} <= set(TTQ_FIELDS)
     off = create_method(method, settings | {"time_to_quality_probes": 0})
     list(off.meta_train(_context(toy_zoo)))
     assert not any(key.startswith("ttq_") for key in off.timings.extra)

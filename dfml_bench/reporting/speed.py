@@ -19,8 +19,9 @@ RECOVERERS = {
     "scratch": "generator trained from scratch",
     "eci_pool": "ECI pool block (DeepInversion)",
 }
-TTQ_FIELDS = [f"ttq_{name}_{what}" for name in RECOVERERS for what in ("s", "steps", "reached")] + [
-    "ttq_speedup_vs_scratch"
+TTQ_FIELDS = [
+    *(f"ttq_{name}_{what}" for name in RECOVERERS for what in ("s", "steps", "reached")),
+    *(f"ttq_speedup_vs_scratch{end}" for end in ("", "_min", "_max")),
 ]
 SPEED_COLUMNS = [
     "scenario",
