@@ -100,8 +100,8 @@ def test_shipped_configs_validate() -> None:
     repo = Path(__file__).resolve().parents[1]
     default = load_workflow_config(repo / "config/default.yaml")
     assert {entry.label for entry in default.scenarios.values()} == {"SS", "SH", "MH"}
-    # 11 methods x 3 scenarios x 2 shots x 1 seed
-    assert len(all_runs(default)) == 66
+    # 12 methods (FREE under both profiles) x 3 scenarios x 2 shots x 1 seed
+    assert len(all_runs(default)) == 72
     assert default.scenario_evaluation("mh").episodes == 100
     real = load_workflow_config(repo / "config/real-data.yaml")
     assert len(all_runs(real)) == 88
