@@ -245,6 +245,7 @@ class TaskRecovery:
         self.weights = DeepInversionWeights(
             bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
         )
+        self.gradient: list[torch.Tensor] = []  # set by the step that keeps it
 
     def pixels(self) -> torch.Tensor:
         with torch.no_grad():
