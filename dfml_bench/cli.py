@@ -9,11 +9,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dfml_bench.errors import DfmlError
+from dfml_bench.layout import ResultsLayout
+from dfml_bench.records import read_record
 
 
 def _cmd_datasets(args: argparse.Namespace) -> None:
     from dfml_bench.data import dataset_entry, dataset_names, load_dataset
 
+    if args.action == "verify":
+        from dfml_bench.data.verify import verify_dataset
+        from dfml_bench.paths import data_root
+
+        verdict = verify_dataset(args.name, data_root(args.data_root))
+        print("\n".join(verdict.lines), flush=True)
+        if not verdict.ready:
+            raise DfmlError(verdict.summary)  # the final line, on stderr; exit status 2
+        print(verdict.summary)
+        return
     if args.action == "list":
         for name in dataset_names():
             entry = dataset_entry(name)
@@ -36,7 +48,7 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
     from dfml_bench.zoo.train import train_zoo
 
     recipe = load_recipe(args.recipe)
-    out = Path(args.out) if args.out else Path(args.results_dir) / "zoo" / recipe.name
+    out = Path(args.out or ResultsLayout(args.results_dir).zoo(recipe.name))
     zoo = train_zoo(
         recipe,
         out,
@@ -44,7 +56,7 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         device=resolve_device(args.device),
         progress=not args.quiet,
-        checkpoint_interval_s=args.checkpoint_interval_s,
+        state_interval_s=args.state_interval_s,
     )
     accuracies = [t.heldout_accuracy for t in zoo.teachers]
     print(
@@ -68,9 +80,9 @@ def _interval(text: str) -> float | None:
     return seconds
 
 
-def checkpoint_interval(parser: argparse.ArgumentParser, what: str) -> None:
+def state_interval(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
-        "--checkpoint-interval-s",
+        "--state-interval-s",
         type=_interval,
         default=300.0,
         metavar="SECONDS|never",
@@ -99,17 +111,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
             raise DfmlError(f"run needs --spec JSON or --{', --'.join(missing)}")
         config = load_workflow_config(args.config)
         spec = run_spec(config, args.scenario, args.method, args.shots, args.seed)
-    runs = execute_run(spec, not args.quiet, args.checkpoint_interval_s)
+    runs = execute_run(spec, not args.quiet, args.state_interval_s)
     for path in runs:
-        record = json.loads(path.read_text())
+        record = read_record(path)
         outcome = (
-            f"{record['acc_mean']:.2f} ± {record['acc_ci95']:.2f}"
-            if record.get("applicable", True)
-            else f"not applicable ({record['reason']})"
+            f"{record.acc_mean:.2f} ± {record.acc_ci95:.2f}"
+            if record.applicable
+            else f"not applicable ({record.reason})"
         )
         print(
-            f"{record['scenario']} {record['method']} {record['shots']}-shot seed {record['seed']}"
-            f" [{record['protocol']}]: {outcome} -> {path}"
+            f"{record.scenario} {record.method} {record.shots}-shot seed {record.seed}"
+            f" [{record.protocol}]: {outcome} -> {path}"
         )
 
 
@@ -117,13 +129,7 @@ def _record_spec(path: Path) -> object:
     """The full run spec a record was produced with (records store it verbatim)."""
     if not path.is_file():
         raise DfmlError(f"record {path} not found; give a record-*.json under results/runs")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DfmlError(f"record {path} is not valid JSON ({error})") from None
-    if not isinstance(record, dict) or "spec" not in record:
-        raise DfmlError(f"{path} holds no run spec; is it a dfml-bench run record?")
-    return record["spec"]
+    return read_record(path).spec
 
 
 def _cmd_collect(args: argparse.Namespace) -> None:
@@ -135,8 +141,9 @@ def _cmd_collect(args: argparse.Namespace) -> None:
 def _cmd_table(args: argparse.Namespace) -> None:
     from dfml_bench.reporting.tables import write_tables
 
-    summary = Path(args.summary or Path(args.results_dir) / "summary.csv")
-    out = Path(args.out or Path(args.results_dir) / "tables")
+    layout = ResultsLayout(args.results_dir)
+    summary = Path(args.summary or layout.summary)
+    out = Path(args.out or layout.tables)
     for path in write_tables(summary, out):
         print(path)
 
@@ -146,14 +153,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from dfml_bench.reporting.report import write_report
     from dfml_bench.reporting.tables import read_summary, write_tables
 
-    results = Path(args.results_dir)
-    summary = Path(args.summary or results / "summary.csv")
-    tables, figures = results / "tables", results / "figures"
+    layout = ResultsLayout(args.results_dir)
+    summary = Path(args.summary or layout.summary)
+    tables, figures = Path(layout.tables), Path(layout.figures)
     frame = read_summary(summary)
     written = write_tables(summary, tables)
-    written += write_figures(results, frame, figures)
-    bench = results / "bench" / "bench.md"
-    written.append(write_report(frame, tables, figures, results / "REPORT.md", args.command, bench))
+    written += write_figures(Path(layout.root), frame, figures)
+    bench = Path(layout.bench) / "bench.md"
+    written.append(write_report(frame, tables, figures, Path(layout.report), args.command, bench))
     for path in written:
         print(path)
 
@@ -163,18 +170,20 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import os
     import subprocess
 
+    import dfml_bench.benchmarks
     from dfml_bench import atomic
     from dfml_bench.device import resolve_device
     from dfml_bench.reporting.bench import write_bench_markdown
 
-    suite = Path(__file__).resolve().parents[1] / "tests" / "bench"
-    if not suite.is_dir():
+    needed = ("pytest", "pytest_benchmark")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        names = " and ".join(name.replace("_", "-") for name in missing)
         raise DfmlError(
-            f"the benchmark suite is not at {suite}; run from a source checkout installed with "
-            "pip install -e '.[test]'"
+            f"the benchmarks run under pytest and pytest-benchmark ({names} not installed); "
+            "pip install 'dfml-bench[bench]'"
         )
-    if importlib.util.find_spec("pytest_benchmark") is None:
-        raise DfmlError("pytest-benchmark is not installed; pip install -e '.[test]'")
+    suite = Path(dfml_bench.benchmarks.__file__).parent  # shipped with the package
     device = resolve_device(args.device)
     out = Path(args.out)
     target = out / f"bench-{args.label or device.type}.json"
@@ -189,8 +198,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                 "-q",
                 "-p",
                 "no:cacheprovider",
-                "-o",
-                "addopts=",
+                "-c",  # no ini file: not the settings of a project the package happens to sit in
+                os.devnull,
+                "--rootdir",
+                str(suite),
                 "--benchmark-only",
                 f"--benchmark-json={tmp}",
                 *(["-k", args.select] if args.select else []),
@@ -228,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-root", help="folder with real datasets (default: $DFML_DATA_ROOT)")
         p.add_argument("--cache-dir", help="decoded-dataset cache (default: $DFML_CACHE_DIR)")
 
-    datasets = sub.add_parser("datasets", help="list datasets or build one's cache")
-    datasets.add_argument("action", choices=["list", "prepare"])
-    datasets.add_argument("name", nargs="?", default="glyphs")
+    datasets = sub.add_parser(
+        "datasets", help="list datasets, build one's cache, or verify one's folder (no cache)"
+    )
+    datasets.add_argument("action", choices=["list", "prepare", "verify"])
+    datasets.add_argument("name", nargs="?", default="glyphs", help="see `datasets list`")
     datasets.add_argument("--image-size", type=int)
     data_options(datasets)
     datasets.set_defaults(handler=_cmd_datasets)
@@ -241,14 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--out", help="zoo folder (default: RESULTS/zoo/<recipe name>)")
     zoo.add_argument("--results-dir", default="results")
     zoo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    checkpoint_interval(zoo, "teacher's training")
+    state_interval(zoo, "teacher's training")
     data_options(zoo)
     zoo.set_defaults(handler=_cmd_zoo)
 
     run = sub.add_parser("run", help="meta-train one method and evaluate it (writes records)")
     run.add_argument("--spec", help="full run spec as JSON (what the Snakefile passes)")
     run.add_argument("--from-record", help="rerun exactly the spec stored in a run record")
-    checkpoint_interval(run, "run")
+    state_interval(run, "run")
     run.add_argument("--config", help="workflow config YAML, with the four options below")
     run.add_argument("--scenario")
     run.add_argument("--method")

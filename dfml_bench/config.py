@@ -22,6 +22,7 @@ from pydantic import (
 
 from dfml_bench.errors import ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
+from dfml_bench.layout import ResultsLayout
 from dfml_bench.methods.base import MetaModelSpec
 from dfml_bench.validation import describe, validate_model
 from dfml_bench.zoo.recipe import SAFE_NAME
@@ -90,7 +91,7 @@ class WorkflowConfig(BaseModel):
     data_root: str | None = None
     cache_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_interval_s: float | None = Field(
+    state_interval_s: float | None = Field(
         300.0, ge=0, description="seconds between saved run states (resume); null: never save"
     )
     ways: int = Field(5, ge=2)
@@ -104,6 +105,16 @@ class WorkflowConfig(BaseModel):
     # one, a method is fine-tuned at meta-test as its paper does (Method.test_adaptation)
     method_evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "checkpoint_interval_s" in raw:
+            raise ValueError(
+                "checkpoint_interval_s was renamed state_interval_s (seconds between saved "
+                "run states; a checkpoint is only ever an evaluated meta-model)"
+            )
+        return raw
 
     @field_validator("scenarios")
     @classmethod
@@ -151,6 +162,10 @@ class WorkflowConfig(BaseModel):
             for method in entry.methods:  # reject bad overrides at load time
                 self.scenario_evaluation(name, method)
         return self
+
+    @property
+    def layout(self) -> ResultsLayout:
+        return ResultsLayout(self.results_dir)
 
     def base_method(self, name: str) -> str:
         """The registered method behind a method or variant name."""
@@ -213,14 +228,6 @@ def parse_workflow_config(raw: object, what: str = "config") -> WorkflowConfig:
     return validate_model(WorkflowConfig, raw, what, context={"variants": names})
 
 
-def zoo_dir(config: WorkflowConfig, recipe: str) -> str:
-    return f"{config.results_dir}/zoo/{recipe}"
-
-
-def run_dir(config: WorkflowConfig, scenario: str, method: str, shots: int, seed: int) -> str:
-    return f"{config.results_dir}/runs/{scenario}/{method}/{shots}shot/seed{seed}"
-
-
 def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, seed: int) -> RunSpec:
     if scenario not in config.scenarios:
         raise ConfigError(
@@ -247,8 +254,8 @@ def run_spec(config: WorkflowConfig, scenario: str, method: str, shots: int, see
         ways=config.ways,
         shots=shots,
         seed=seed,
-        zoo_dir=zoo_dir(config, entry.recipe),
-        run_dir=run_dir(config, scenario, method, shots, seed),
+        zoo_dir=config.layout.zoo(entry.recipe),
+        run_dir=config.layout.run(scenario, method, shots, seed),
         meta_model=meta_model,
         evaluation=config.scenario_evaluation(scenario, method),
         data_root=config.data_root,

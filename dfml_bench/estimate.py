@@ -4,7 +4,8 @@ Paper-scale budgets take days; this says how many, per job of the Snakemake DAG,
 pytest-benchmark medians of one device (`dfml-bench bench`), so a user can pick a machine first.
 Every cost is a benchmark median times a ratio of work to the benchmark's own work, so the
 estimate is linear in every budget (iterations, epochs, episodes, checkpoints). The ratios are
-first-order models, listed in `ASSUMPTIONS` and printed with the estimate.
+first-order models, listed by `assumptions()` (each method declares its own) and printed with
+the estimate.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from dfml_bench.config import WorkflowConfig, all_runs, load_workflow_config, run_spec
+from dfml_bench.cost import RunShape, WorkRates, task_images
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.zoo.recipe import ZooRecipe, load_recipe
@@ -58,7 +60,7 @@ ZOO_S_PER_IMAGE_EPOCH = {
 }
 ZOO_REFERENCE_DEVICE = "cpu (AMD EPYC, 2 threads), one job at a time"
 
-# What each benchmark of tests/bench times (its work is the denominator of every ratio).
+# What each benchmark of dfml_bench/benchmarks times (its work is the denominator of every ratio).
 ECI = "PURER ECI data step"  # 13 conv4 teachers x 5 classes x 20 images, 32 px
 PURER_ITERATION = "PURER meta-iteration"  # that data step + 4 tasks 5-way 5-shot, 1 step
 FREE_SYNTH = "FREE synthesize (4 teachers x 5 steps)"  # 4 conv4 teachers x 5 x 20, width 64
@@ -74,17 +76,8 @@ ASSUMPTIONS = (
     "not modelled",
     "each benchmark group's fastest variant among those `auto` may pick is used (variants that "
     "need an opt-in setting, such as bfloat16 or torch.compile, are left out)",
-    "PURER: iterations x (ECI data step scaled to the zoo's teacher images + the MAML part of a "
-    "meta-iteration scaled to the meta-batch); the curriculum's adversarial term is not counted",
-    "FREE: warm-up epochs x synthesis + other epochs x epoch without replay, both scaled to "
-    "teachers per epoch x generator steps x images; replay = replay_patience meta-batches per "
-    "epoch (the least it can do; max_replay_batches is the cap), at the benchmark's "
-    "second-order cost per image",
     "the time-to-quality probes that end PURER and FREE runs (at most probes x max_steps "
     "updates per recoverer, usually far fewer) are not counted",
-    "DRO: inversion (images x steps, at the ECI data step's cost per image-step) + iterations x "
-    "teachers_per_step x (ascent_steps + 1) distillation passes; OTA, Average, Random: no "
-    "meta-training cost",
     "evaluation: checkpoints x datasets x (test episodes, with ICFIL's inversion and "
     "calibration images for PURER) + meta-val episodes when there are several checkpoints",
     f"zoo: image-epochs x seconds per image-epoch measured on {ZOO_REFERENCE_DEVICE} "
@@ -93,6 +86,18 @@ ASSUMPTIONS = (
     "overestimate: a ResNet-18 teacher took 7-11x as long on a 2-core CPU)",
     "job start-up, data decoding and Snakemake overhead are not counted; jobs run one at a time",
 )
+
+
+def assumptions() -> list[str]:
+    """The general assumptions, then each registered method's own cost model."""
+    from dfml_bench.methods import registered_methods
+    from dfml_bench.methods.base import NoMetaTraining
+
+    methods = [cls for cls in registered_methods() if cls.ablation_of is None]
+    declared = [cls.cost_assumption for cls in methods if cls.cost_assumption]
+    untrained = [cls.display_name for cls in methods if issubclass(cls, NoMetaTraining)]
+    declared.append(f"{', '.join(untrained)}: no meta-training cost")
+    return [*ASSUMPTIONS[:2], *declared, *ASSUMPTIONS[2:]]
 
 
 @dataclass(frozen=True)
@@ -215,11 +220,6 @@ def _timed_counterpart(architecture: str) -> str:
     return architecture.removesuffix("-authors")
 
 
-def _task_images(ways: int, shots: int, queries: int, inner_steps: int) -> int:
-    """Images one task sends through the network: the support per inner step, queries once."""
-    return ways * (shots * inner_steps + queries)
-
-
 class _RunCosts:
     """Per-run cost model of one config against one set of benchmark medians."""
 
@@ -231,16 +231,18 @@ class _RunCosts:
             if entry.recipe not in self.recipes:
                 self.recipes[entry.recipe] = load_recipe(recipes_dir / f"{entry.recipe}.yaml")
         # seconds per image (x FLOPs) of each kind of work, from the benchmarks' own sizes
-        self.eci_image = bench[ECI] / BENCH_ECI_IMAGES
-        self.maml_image = (bench[PURER_ITERATION] - bench[ECI]) / (4 * _task_images(5, 5, 15, 1))
-        self.replay_image = bench[MAML_BATCH] / (4 * _task_images(5, 1, 15, 1))
-        self.test_image = bench.per_task(META_TEST) / _task_images(5, 1, 15, 10)
-        self.generator_image = bench[FREE_SYNTH] / (4 * 5 * 5 * 20)
-        self.free_epoch_image = bench[FREE_EPOCH] / (4 * 5 * 5 * 20)
+        self.rates = WorkRates(
+            eci_image=bench[ECI] / BENCH_ECI_IMAGES,
+            maml_image=(bench[PURER_ITERATION] - bench[ECI]) / (4 * task_images(5, 5, 15, 1)),
+            replay_image=bench[MAML_BATCH] / (4 * task_images(5, 1, 15, 1)),
+            generator_image=bench[FREE_SYNTH] / (4 * 5 * 5 * 20),
+            free_epoch_image=bench[FREE_EPOCH] / (4 * 5 * 5 * 20),
+        )
+        self.test_image = bench.per_task(META_TEST) / task_images(5, 1, 15, 10)
 
     def estimate(self, scenario: str, method: str, shots: int) -> tuple[float, float]:
         """(meta-training seconds, evaluation seconds) of one run."""
-        from dfml_bench.methods import create_method
+        from dfml_bench.methods import create_method, method_class
 
         entry = self.config.scenarios[scenario]
         recipe = self.recipes[entry.recipe]
@@ -251,37 +253,16 @@ class _RunCosts:
         settings = create_method(spec.method, spec.method_settings).settings
         evaluation = spec.evaluation
         method = spec.method  # a variant costs what its method costs
-        if method in ("average", "ota", "dro") and _heterogeneous(teachers, meta.architecture):
+        if method_class(method).same_architecture_only and _heterogeneous(
+            teachers, meta.architecture
+        ):
             return 0.0, 0.0  # not applicable: a record with the reason, no training
-        ways = self.config.ways
         # images x FLOPs of one pass over every teacher class
         teacher_load = sum(
             classes * flops(arch, recipe.image_size) for _, arch, classes in teachers
         )
-        train = 0.0
-        if method.startswith("purer"):
-            per_class = settings.per_class or (16 if shots == 1 else 20)
-            data_step = self.eci_image * per_class * teacher_load
-            maml = self.maml_image * settings.meta_batch * meta_flops
-            maml *= _task_images(ways, shots, settings.queries, settings.inner_steps)
-            train = settings.iterations * (data_step + maml)
-        elif method.startswith("free"):
-            mean_teacher = teacher_load / len(teachers)
-            per_epoch = settings.teachers_per_epoch * settings.generator_steps * settings.per_class
-            per_epoch *= mean_teacher
-            replay = self.replay_image * settings.meta_batch * meta_flops * settings.replay_patience
-            replay *= _task_images(ways, shots, settings.queries, settings.inner_steps)
-            warmup = min(settings.warmup_epochs, settings.epochs)
-            train = warmup * self.generator_image * per_epoch
-            train += (settings.epochs - warmup) * (self.free_epoch_image * per_epoch + replay)
-        elif method == "dro":
-            inversion = settings.inversion_steps * settings.images_per_class * teacher_load
-            passes = settings.teachers_per_step * (settings.ascent_steps + 1)
-            fusion = passes * ways * settings.images_per_class * self.maml_image * meta_flops
-            train = self.eci_image * inversion + settings.iterations * fusion
-        elif method == "oracle":
-            task = _task_images(ways, shots, settings.queries, settings.inner_steps)
-            train = settings.iterations * self.maml_image * settings.meta_batch * task * meta_flops
+        run = RunShape(self.config.ways, shots, meta_flops, teacher_load, len(teachers))
+        train = method_class(method).meta_training_seconds(settings, run, self.rates)
         return train, self._evaluation(scenario, method, shots, settings, evaluation, meta_flops)
 
     def _evaluation(
@@ -293,7 +274,8 @@ class _RunCosts:
         evaluation: EvaluationSettings,
         meta_flops: float,
     ) -> float:
-        from dfml_bench.methods import checkpoint_iterations, method_class
+        from dfml_bench.meta.loop import checkpoint_iterations
+        from dfml_bench.methods import method_class
 
         adaptation = method_class(method).test_adaptation
         evaluation = evaluation.with_adaptation(adaptation.steps, adaptation.lr)
@@ -302,7 +284,7 @@ class _RunCosts:
         interval = getattr(settings, "eval_interval", None)
         checkpoints = len(checkpoint_iterations(iterations, interval))
         ways, inner = evaluation.ways, evaluation.inner_steps
-        task = _task_images(ways, shots, evaluation.queries, inner)
+        task = task_images(ways, shots, evaluation.queries, inner)
         test_task = task
         switch = evaluation.icfil.enabled
         if method_class(method).uses_icfil if switch is None else switch:
@@ -358,5 +340,5 @@ def format_estimate(result: Estimate, config_path: str) -> str:
         "one job at a time; collect and report not counted"
     )
     lines.append("assumptions:")
-    lines += [f"- {assumption}" for assumption in ASSUMPTIONS]
+    lines += [f"- {assumption}" for assumption in assumptions()]
     return "\n".join(lines)

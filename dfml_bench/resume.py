@@ -41,7 +41,7 @@ class SavedState:
     path: Path
 
 
-class Checkpointer:
+class StateStore:
     """Saves and restores one job's state in `directory` (one job, one directory).
 
     `fingerprint` identifies the job's configuration: a state saved under another fingerprint is
@@ -61,7 +61,7 @@ class Checkpointer:
         self._last_save = time.monotonic()
 
     @classmethod
-    def disabled(cls) -> Checkpointer:
+    def disabled(cls) -> StateStore:
         """Saves and restores nothing (runs driven directly by tests or other tools)."""
         return cls(Path(), "", None)
 

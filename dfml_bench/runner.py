@@ -18,22 +18,28 @@ from dfml_bench.data import FewShotDataset, load_dataset
 from dfml_bench.device import resolve_device
 from dfml_bench.environment import environment
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationResult, evaluate
 from dfml_bench.evaluation.stats import combine_ci95
 from dfml_bench.inversion.pixels import Normalisation
+from dfml_bench.layout import record_path
+from dfml_bench.layout import resume_dir as resume_dir_of
+from dfml_bench.meta.adaptation import use_batch_statistics
 from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, create_method
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.models.storage import load_into, save_state
-from dfml_bench.resume import Checkpointer
+from dfml_bench.records import (
+    PROTOCOLS,
+    CurvePoint,
+    Environment,
+    MethodTimings,
+    RunRecord,
+    Score,
+    TestAdaptationRecord,
+    ZooSummary,
+)
+from dfml_bench.resume import StateStore
 from dfml_bench.zoo.manifest import Zoo
-
-PROTOCOLS = ("paper", "clean")
-
-
-def record_path(run_dir: Path | str, protocol: str) -> Path:
-    return Path(run_dir) / f"record-{protocol}.json"
 
 
 @dataclass(frozen=True)
@@ -53,11 +59,11 @@ class CheckpointScore:
 
 
 def execute_run(
-    spec: RunSpec, progress: bool = True, checkpoint_interval_s: float | None = None
+    spec: RunSpec, progress: bool = True, state_interval_s: float | None = None
 ) -> list[Path]:
     """Meta-train, evaluate every checkpoint, write one record per protocol (atomically).
 
-    With `checkpoint_interval_s` set, the run's full state is saved in `<run_dir>/resume/` at
+    With `state_interval_s` set, the run's full state is saved in `<run_dir>/resume/` at
     that interval and at every evaluated checkpoint; started again after a crash or a kill, the
     same run continues from the newest good state and writes the same records."""
     method = create_method(spec.method, spec.method_settings)
@@ -74,8 +80,8 @@ def execute_run(
         )
         for name in zoo.datasets
     ]
-    resume_dir = Path(spec.run_dir) / "resume"
-    checkpointer = Checkpointer(resume_dir, run_fingerprint(spec), checkpoint_interval_s)
+    resume_dir = resume_dir_of(spec.run_dir)
+    state_store = StateStore(resume_dir, run_fingerprint(spec), state_interval_s)
     context = MetaTrainContext(
         zoo,
         spec.meta_model,
@@ -86,7 +92,7 @@ def execute_run(
         progress,
         Path(spec.run_dir),
         training_data=None if method.data_free else datasets,
-        resume=checkpointer,
+        resume=state_store,
         normalisations={d.name: Normalisation(d.mean, d.std) for d in datasets},
     )
 
@@ -98,8 +104,8 @@ def execute_run(
     # same pass also scores plain fine-tuning. Meta-val selection uses plain fine-tuning.
     switch = spec.evaluation.icfil.enabled
     icfil = method.uses_icfil if switch is None else switch
-    run = RunProgress.restore(checkpointer, method, spec, resume_dir)
-    checkpointer.progress_state = run.state
+    run = RunProgress.restore(state_store, method, spec, resume_dir)
+    state_store.progress_state = run.state
 
     if not run.method_done:
         stream = method.meta_train(context)
@@ -118,7 +124,7 @@ def execute_run(
                 for d in datasets
             ]
             run.eval_seconds += time.perf_counter() - started
-            run.add_checkpoint(checkpoint, test, resume_dir if checkpointer.enabled else None)
+            run.add_checkpoint(checkpoint, test, resume_dir if state_store.enabled else None)
         run.method_done = True
 
     if len(run.checkpoints) > 1:  # model selection on meta-val is only needed with a choice
@@ -131,7 +137,7 @@ def execute_run(
                 run.scores[index].iteration, run.scores[index].test, val
             )
             run.eval_seconds += time.perf_counter() - started
-            checkpointer.step(checkpoint.iteration, dict, force=True)
+            state_store.step(checkpoint.iteration, dict, force=True)
 
     scores = run.scores
     paper = max(scores, key=lambda score: score.test_mean)
@@ -149,24 +155,24 @@ def execute_run(
         clean = CheckpointScore(clean.iteration, test, clean.val)
     common = _common_fields(spec, zoo, datasets, method, device) | {
         "meta_train_s": round(run.meta_train_seconds, 3),
-        "recovery_s": round(method.timings.recovery_seconds, 3),
+        "recovery_s": round(method.recovery_seconds, 3),
         "eval_s": round(run.eval_seconds, 3),
-        "method_timings": method.timings.extra,
+        "method_timings": method.timings,
         "checkpoints_evaluated": len(scores),
         "curve": [_curve_point(score) for score in scores],
         "resumed_from": run.resumed_from,
     }
     written = []
     for protocol, chosen_score in (("paper", paper), ("clean", clean)):
-        record = dict(common, protocol=protocol, icfil=icfil, **_summarise(chosen_score))
+        fields = dict(common, protocol=protocol, icfil=icfil, **_summarise(chosen_score))
         if icfil:
             tests = chosen_score.test
             without = sum(r.plain_mean for r in tests) / len(tests)
-            record["acc_mean_without_icfil"] = round(without, 4)
-            record["icfil_s_per_task"] = round(
+            fields["acc_mean_without_icfil"] = round(without, 4)
+            fields["icfil_s_per_task"] = round(
                 sum(r.icfil_seconds_per_task or 0.0 for r in tests) / len(tests), 4
             )
-        record["selection"] = (
+        fields["selection"] = (
             "max meta-test accuracy over periodic evaluations, each on freshly drawn test "
             "tasks (test-set selection, as the papers)"
             if protocol == "paper"
@@ -174,8 +180,8 @@ def execute_run(
             if len(scores) > 1
             else "single checkpoint (nothing to select)"
         ) + ("; test accuracy with ICFIL, meta-val without" if icfil else "")
-        written.append(atomic.write_json(record_path(spec.run_dir, protocol), record))
-    checkpointer.clear()
+        written.append(_write_record(spec, protocol, fields))
+    state_store.clear()
     return written
 
 
@@ -210,10 +216,10 @@ class RunProgress:
 
     @classmethod
     def restore(
-        cls, checkpointer: Checkpointer, method: Method, spec: RunSpec, resume_dir: Path
+        cls, state_store: StateStore, method: Method, spec: RunSpec, resume_dir: Path
     ) -> RunProgress:
         run = cls(method)
-        saved = checkpointer.restored
+        saved = state_store.restored
         if saved is None:
             return run
         state = saved.progress
@@ -221,8 +227,8 @@ class RunProgress:
         run.eval_seconds = state["eval_s"]
         run.method_done = state["method_done"]
         run.resumed_from = [*state["resumed_from"], saved.iteration]
-        method.timings.recovery_seconds = state["recovery_s"]
-        method.timings.extra = dict(state["method_timings"])
+        method.recovery_seconds = state["recovery_s"]
+        method.timings = MethodTimings.model_validate(state["method_timings"])
         for entry in state["scores"]:
             iteration = entry["iteration"]
             model = build_model(
@@ -257,8 +263,8 @@ class RunProgress:
             "eval_s": self.eval_seconds,
             "method_done": self.method_done,
             "resumed_from": self.resumed_from,
-            "recovery_s": self.method.timings.recovery_seconds,
-            "method_timings": dict(self.method.timings.extra),
+            "recovery_s": self.method.recovery_seconds,
+            "method_timings": self.method.timings.measured(),
             "scores": [
                 {
                     "iteration": score.iteration,
@@ -293,9 +299,15 @@ def _write_inapplicable(
         "episodes": 0,
     }
     return [
-        atomic.write_json(record_path(spec.run_dir, protocol), dict(common, protocol=protocol))
-        for protocol in PROTOCOLS
+        _write_record(spec, protocol, dict(common, protocol=protocol)) for protocol in PROTOCOLS
     ]
+
+
+def _write_record(spec: RunSpec, protocol: str, fields: dict[str, object]) -> Path:
+    """Validate the record against `RunRecord` before writing: a field the model does not know
+    is a bug here, not a new column for the tables to guess at."""
+    record = RunRecord.model_validate(fields)
+    return atomic.write_json(record_path(spec.run_dir, protocol), record.to_json())
 
 
 def _common_fields(
@@ -320,22 +332,22 @@ def _common_fields(
         "shots": spec.shots,
         "seed": spec.seed,
         "applicable": True,
-        "zoo": {
-            "recipe": zoo.manifest.recipe_name,
-            "recipe_hash": zoo.manifest.recipe_hash,
-            "teachers": len(zoo.teachers),
-            "architectures": zoo.architectures,
-        },
+        "zoo": ZooSummary(
+            recipe=zoo.manifest.recipe_name,
+            recipe_hash=zoo.manifest.recipe_hash,
+            teachers=len(zoo.teachers),
+            architectures=zoo.architectures,
+        ),
         "spec": spec.model_dump(),
         # what ran: every setting after the fidelity profile was applied, and the protocol
         "fidelity": getattr(method.settings, "fidelity", None),
         "method_settings": method.settings.model_dump(mode="json"),
-        "test_adaptation": {
-            "steps": spec.evaluation.inner_steps,
-            "lr": spec.evaluation.inner_lr,
-            "method_default": method.test_adaptation.source,
-        },
-        "environment": environment(device),
+        "test_adaptation": TestAdaptationRecord(
+            steps=spec.evaluation.inner_steps,
+            lr=spec.evaluation.inner_lr,
+            method_default=method.test_adaptation.source,
+        ),
+        "environment": Environment.model_validate(environment(device)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -366,11 +378,7 @@ def _evaluate(
 
 def _summarise(score: CheckpointScore) -> dict[str, object]:
     per_dataset = {
-        result.dataset: {
-            "acc_mean": result.mean,
-            "acc_ci95": result.ci95,
-            "episodes": result.episodes,
-        }
+        result.dataset: Score(acc_mean=result.mean, acc_ci95=result.ci95, episodes=result.episodes)
         for result in score.test
     }
     mean = score.test_mean
@@ -387,10 +395,12 @@ def _summarise(score: CheckpointScore) -> dict[str, object]:
     }
 
 
-def _curve_point(score: CheckpointScore) -> dict[str, object]:
+def _curve_point(score: CheckpointScore) -> CurvePoint:
     """Meta-test accuracy of one checkpoint, for accuracy-against-iterations figures."""
     summary = _summarise(score)
-    return {key: summary[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}
+    return CurvePoint.model_validate(
+        {key: summary[key] for key in ("iteration", "acc_mean", "acc_ci95", "val_acc_mean")}
+    )
 
 
 def _dataset_label(datasets: list[FewShotDataset]) -> str:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dfml_bench.cli import main
-from dfml_bench.config import parse_workflow_config
+from dfml_bench.config import RunSpec, parse_workflow_config
 from dfml_bench.errors import CheckpointError, ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods.base import MetaModelSpec
 from dfml_bench.zoo.manifest import Zoo
 from dfml_bench.zoo.recipe import load_recipe
-from tests.conftest import ss_run_spec
 
 GOOD_SCENARIO = {"recipe": "tiny-ss", "methods": ["random"]}
 
@@ -116,7 +116,9 @@ def broken_zoo(zoo: Zoo, tmp_path: Path, **claims: object) -> Path:
     return copy
 
 
-def run_spec_json(zoo_dir: Path, run_dir: Path, architecture: str) -> str:
+def run_spec_json(
+    ss_run_spec: Callable[..., RunSpec], zoo_dir: Path, run_dir: Path, architecture: str
+) -> str:
     """Average over the zoo: it loads every teacher into a meta-model of `architecture`."""
     evaluation = EvaluationSettings(episodes=2, val_episodes=2, queries=2, inner_steps=0)
     meta_model = MetaModelSpec(architecture=architecture)
@@ -138,6 +140,7 @@ def test_manifest_disagreeing_with_teacher_file(
     capsys: pytest.CaptureFixture[str],
     claims: dict,
     expected: str,
+    ss_run_spec: Callable[..., RunSpec],
 ) -> None:
     copy = broken_zoo(toy_zoo, tmp_path, **claims)
     teacher_file = copy / toy_zoo.teachers[0].file
@@ -147,7 +150,10 @@ def test_manifest_disagreeing_with_teacher_file(
     assert "\n" not in message and str(teacher_file) in message and expected in message
     run_dir = tmp_path / "run"
     line = cli_error(
-        capsys, "run", "--spec", run_spec_json(copy, run_dir, claims.get("architecture", "conv4"))
+        capsys,
+        "run",
+        "--spec",
+        run_spec_json(ss_run_spec, copy, run_dir, claims.get("architecture", "conv4")),
     )
     assert str(teacher_file) in line
     assert not run_dir.exists() or not files_under(run_dir)  # no record, no partial record

@@ -15,7 +15,9 @@ from dfml_bench.data import load_dataset
 from dfml_bench.data.sampler import EpisodeSampler
 from dfml_bench.data.task import Task
 from dfml_bench.evaluation import harness
-from dfml_bench.evaluation.adaptation import (
+from dfml_bench.evaluation.harness import EvaluationSettings, evaluate
+from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
+from dfml_bench.meta.adaptation import (
     batched_logits,
     batches_tasks,
     finetune,
@@ -23,11 +25,8 @@ from dfml_bench.evaluation.adaptation import (
     parameters_of,
     use_batch_statistics,
 )
-from dfml_bench.evaluation.harness import EvaluationSettings, evaluate
-from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
-from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.meta.maml import maml_outer_loss
 from dfml_bench.models import build_model
-from tests.conftest import TOY
 
 WAYS = 5
 SIZE = 16  # Conv4's smallest input: keeps every test fast
@@ -94,8 +93,10 @@ def test_finetune_batched_matches_sequential(shots: int, steps: int) -> None:
 
 @pytest.mark.parametrize("shots", [1, 5])
 @pytest.mark.parametrize("icfil", [False, True])
-def test_evaluate_batched_matches_sequential(shots: int, icfil: bool) -> None:
-    dataset, model = load_dataset(TOY), _model(size=32)
+def test_evaluate_batched_matches_sequential(
+    shots: int, icfil: bool, toy_dataset_name: str
+) -> None:
+    dataset, model = load_dataset(toy_dataset_name), _model(size=32)
     results = [
         evaluate(model, dataset, "test", shots, settings, 0, CPU, False, icfil=icfil)
         for settings in (
@@ -109,12 +110,16 @@ def test_evaluate_batched_matches_sequential(shots: int, icfil: bool) -> None:
         assert torch.equal(sequential.plain_accuracies, batched.plain_accuracies)
 
 
-def test_auto_evaluates_sequentially_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_evaluates_sequentially_on_cpu(
+    monkeypatch: pytest.MonkeyPatch, toy_dataset_name: str
+) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("auto must not batch tasks on CPU")
 
     monkeypatch.setattr(harness, "finetune_batched", refuse)
-    result = evaluate(_model(size=32), load_dataset(TOY), "test", 1, _settings(), 0, CPU, False)
+    result = evaluate(
+        _model(size=32), load_dataset(toy_dataset_name), "test", 1, _settings(), 0, CPU, False
+    )
     assert result.episodes == 5
 
 
@@ -140,10 +145,10 @@ def test_maml_meta_gradient_batched_matches_sequential(second_order: bool) -> No
 
 
 def _reference(
-    model: nn.Module, shots: int, settings: EvaluationSettings, icfil: bool
+    dataset_name: str, model: nn.Module, shots: int, settings: EvaluationSettings, icfil: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The harness's loop written out plainly: one episode at a time, host-side counting."""
-    dataset = load_dataset(TOY)
+    dataset = load_dataset(dataset_name)
     sampler = EpisodeSampler(dataset.split("test"), WAYS, shots, settings.queries, 5, 0)
     model = model.to(memory_format=torch.channels_last).train()
     init = parameters_of(model)
@@ -175,12 +180,14 @@ def _reference(
 
 @pytest.mark.parametrize("shots", [1, 5])
 @pytest.mark.parametrize("icfil", [False, True])
-def test_evaluate_matches_plain_reference(shots: int, icfil: bool) -> None:
+def test_evaluate_matches_plain_reference(shots: int, icfil: bool, toy_dataset_name: str) -> None:
     """float32, as the workflow runs: accuracies equal to the last digit."""
     settings = _settings(inner_steps=1)
     model = _model(torch.float32, size=32)
-    result = evaluate(model, load_dataset(TOY), "test", shots, settings, 0, CPU, False, icfil=icfil)
-    accuracies, plain = _reference(model, shots, settings, icfil)
+    result = evaluate(
+        model, load_dataset(toy_dataset_name), "test", shots, settings, 0, CPU, False, icfil=icfil
+    )
+    accuracies, plain = _reference(toy_dataset_name, model, shots, settings, icfil)
     assert torch.equal(result.accuracies, accuracies)
     assert (result.plain_accuracies is None) == (plain is None)
     if plain is not None:

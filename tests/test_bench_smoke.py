@@ -1,12 +1,17 @@
-"""The benchmark suite collects and runs (smoke sizes, one round) in the plain test run, so a
-broken benchmark is caught by CI; `dfml-bench bench` writes its JSON and the Markdown table."""
+"""The benchmark suite (dfml_bench/benchmarks, shipped with the package) collects and runs
+(smoke sizes, one round) in the full test run, so a broken benchmark is caught by CI;
+`dfml-bench bench` writes its JSON and the Markdown table."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 from dfml_bench.cli import main
+
+pytestmark = pytest.mark.slow  # the whole suite in a subprocess: over a minute on 2 cores
 
 
 def test_benchmarks_run_in_smoke_mode_and_make_a_table(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=300,
+        timeout=900,  # a hang guard only: each call takes seconds, more on a busy machine
     )
 
 
@@ -58,6 +58,7 @@ def test_unknown_method(tmp_path: Path) -> None:
     assert_one_line_error(result, "nope", "random")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint(tmp_path: Path) -> None:
     zoo = tmp_path / "zoo"
     zoo.mkdir()

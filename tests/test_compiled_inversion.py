@@ -46,10 +46,7 @@ def _teachers() -> list[nn.Module]:
     scope="module",
     params=[
         "cpu",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
-        ),
+        pytest.param("cuda", marks=pytest.mark.cuda),
     ],
 )
 def zoos(request: pytest.FixtureRequest) -> Iterator[tuple[StackedTeachers, StackedTeachers]]:

@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import (
     DeepInversionWeights,
     bn_feature_statistics,
@@ -13,6 +12,7 @@ from dfml_bench.inversion import (
     random_jitter,
     total_variation,
 )
+from dfml_bench.meta.adaptation import use_batch_statistics
 from dfml_bench.models import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -24,6 +24,7 @@ from PIL import Image
 from dfml_bench import atomic
 from dfml_bench.config import RunSpec
 from dfml_bench.data import load_dataset
+from dfml_bench.data.images import split_list
 from dfml_bench.errors import DfmlError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods import MetaModelSpec
@@ -31,8 +32,6 @@ from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY, ss_run_spec
-from tests.test_loaders import WNIDS, _save_jpeg, _write_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -54,20 +53,22 @@ def _expected(path: Path) -> np.ndarray:
     return pixels.transpose(2, 0, 1)
 
 
-def test_damaged_image_folder_is_converted_and_skipped_with_one_warning(tmp_path: Path) -> None:
+def test_damaged_image_folder_is_converted_and_skipped_with_one_warning(
+    tmp_path: Path, write_tiny_imagenet: Callable[..., Path], save_jpeg: Callable[..., None]
+) -> None:
     """One class folder of a Tiny ImageNet copy holds, beside its good image: a small non-square
     RGB PNG, an 8-bit and a 16-bit greyscale PNG, and three files that cannot be decoded (random
     bytes named .png, a JPEG cut in half, an empty .jpg). The readable ones become uint8
     [3, S, S] RGB; the others are dropped with a single warning that counts and names them."""
-    folder = _write_tiny(tmp_path / "data", per_class=1)
-    wnid = WNIDS["train"][0]
+    folder = write_tiny_imagenet(tmp_path / "data", per_class=1)
+    wnid = split_list("tiny-imagenet", "train")[0]
     images = folder / "train" / wnid / "images"
     grey = _pixels(1, (SIZE + 8, SIZE + 8))
     Image.fromarray(_pixels(0, (12, 20, 3))).save(images / f"{wnid}_a_small.png")
     Image.fromarray(grey).save(images / f"{wnid}_b_grey.png")
     Image.fromarray(grey.astype(np.uint16) * 257).save(images / f"{wnid}_c_grey16.png")
     (images / f"{wnid}_d_random.png").write_bytes(np.random.default_rng(3).bytes(2000))
-    _save_jpeg(tmp_path / "whole.jpg", 4, size=(64, 64))
+    save_jpeg(tmp_path / "whole.jpg", 4, size=(64, 64))
     whole = (tmp_path / "whole.jpg").read_bytes()
     (images / f"{wnid}_e_truncated.JPEG").write_bytes(whole[: len(whole) // 2])
     (images / f"{wnid}_f_empty.jpg").write_bytes(b"")
@@ -249,11 +250,12 @@ FREE = {
 }
 
 
-def _tiny_recipe(name: str, epochs: int, **extra: Any) -> ZooRecipe:
-    """One 5-class Conv4 teacher at 16 px on the toy dataset, at most 10 images per class."""
+def _tiny_recipe(dataset: str, name: str, epochs: int, **extra: Any) -> ZooRecipe:
+    """One 5-class Conv4 teacher at 16 px on `dataset` (the toy one), at most 10 images per
+    class."""
     return ZooRecipe(
         name=name,
-        datasets=[TOY],
+        datasets=[dataset],
         image_size=TINY,
         architectures=["conv4"],
         teachers_per_dataset=1,
@@ -265,22 +267,28 @@ def _tiny_recipe(name: str, epochs: int, **extra: Any) -> ZooRecipe:
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory, toy_dataset_name: str) -> Zoo:
     """One Conv4 teacher at 16 px on the toy dataset, one epoch: well under a second."""
     directory = tmp_path_factory.mktemp("faults-zoo")
-    return train_zoo(_tiny_recipe("faults", 1), directory, progress=False)
+    return train_zoo(_tiny_recipe(toy_dataset_name, "faults", 1), directory, progress=False)
 
 
-def _spec(method: str, zoo: Zoo, run_dir: Path, settings: dict[str, Any]) -> RunSpec:
-    evaluation = EvaluationSettings(episodes=2, val_episodes=2, queries=1, inner_steps=1)
-    return ss_run_spec(
-        method,
-        zoo.directory,
-        run_dir,
-        evaluation,
-        settings=settings,
-        meta_model=MetaModelSpec(image_size=TINY),
-    )
+@pytest.fixture(scope="module")
+def fault_spec(ss_run_spec: Callable[..., RunSpec]) -> Callable[..., RunSpec]:
+    """`fault_spec(method, zoo, run_dir, settings)`: a 16-px run, two episodes of each kind."""
+
+    def spec(method: str, zoo: Zoo, run_dir: Path, settings: dict[str, Any]) -> RunSpec:
+        evaluation = EvaluationSettings(episodes=2, val_episodes=2, queries=1, inner_steps=1)
+        return ss_run_spec(
+            method,
+            zoo.directory,
+            run_dir,
+            evaluation,
+            settings=settings,
+            meta_model=MetaModelSpec(image_size=TINY),
+        )
+
+    return spec
 
 
 def _teachers_turn_nan(monkeypatch: pytest.MonkeyPatch, from_call: int) -> None:
@@ -328,7 +336,12 @@ def _run_fails(spec: RunSpec) -> str:
     ],
 )
 def test_purer_stops_at_the_first_non_finite_loss_and_records_nothing(
-    tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, expected: str
+    tiny_zoo: Zoo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+    expected: str,
+    fault_spec: Callable[..., RunSpec],
 ) -> None:
     """The teacher turns NaN at meta-iteration 3 (one loop-strategy pass per iteration), or an
     outer learning rate of 1e30 blows the meta-model up in its first Adam step. (PURER's
@@ -338,13 +351,17 @@ def test_purer_stops_at_the_first_non_finite_loss_and_records_nothing(
         _teachers_turn_nan(monkeypatch, from_call=3)
     else:
         settings["outer_lr"] = 1e30
-    message = _run_fails(_spec("purer-no-icfil", tiny_zoo, tmp_path / "run", settings))
+    message = _run_fails(fault_spec("purer-no-icfil", tiny_zoo, tmp_path / "run", settings))
     assert re.fullmatch(expected, message), message
 
 
 @pytest.mark.parametrize("fault", ["inversion", "outer_lr"])
 def test_free_stops_on_a_non_finite_loss_and_records_nothing(
-    tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+    tiny_zoo: Zoo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+    fault_spec: Callable[..., RunSpec],
 ) -> None:
     """A NaN teacher from its first pass (generator, images and distilled meta-learner go NaN in
     epoch 1), or an outer learning rate of 1e30 (the alignment step of epoch 1, taken by the
@@ -354,7 +371,7 @@ def test_free_stops_on_a_non_finite_loss_and_records_nothing(
         _teachers_turn_nan(monkeypatch, from_call=1)
     else:
         settings["outer_lr"] = 1e30
-    message = _run_fails(_spec("free", tiny_zoo, tmp_path / "run", settings))
+    message = _run_fails(fault_spec("free", tiny_zoo, tmp_path / "run", settings))
     expected = {
         "inversion": r"free: non-finite recovered images at epoch 1 .*; lower generator_lr .*",
         "outer_lr": r"free: non-finite meta-loss in replay at epoch 1, meta-batch 1; "
@@ -364,7 +381,7 @@ def test_free_stops_on_a_non_finite_loss_and_records_nothing(
 
 
 def test_oracle_stops_at_a_non_finite_meta_loss_and_records_nothing(
-    tiny_zoo: Zoo, tmp_path: Path
+    tiny_zoo: Zoo, tmp_path: Path, fault_spec: Callable[..., RunSpec]
 ) -> None:
     settings = {
         "iterations": 4,
@@ -373,31 +390,37 @@ def test_oracle_stops_at_a_non_finite_meta_loss_and_records_nothing(
         "queries": 1,
         "outer_lr": 1e30,
     }
-    message = _run_fails(_spec("oracle", tiny_zoo, tmp_path / "run", settings))
+    message = _run_fails(fault_spec("oracle", tiny_zoo, tmp_path / "run", settings))
     assert message == "oracle: non-finite meta-loss at meta-iteration 2; lower outer_lr"
 
 
 def test_dro_stops_at_a_non_finite_objective_and_records_nothing(
-    tiny_zoo: Zoo, tmp_path: Path
+    tiny_zoo: Zoo, tmp_path: Path, fault_spec: Callable[..., RunSpec]
 ) -> None:
     settings = {"iterations": 4, "eval_interval": 2, "inversion_steps": 1, "lr": 1e30}
-    message = _run_fails(_spec("dro", tiny_zoo, tmp_path / "run", settings))
+    message = _run_fails(fault_spec("dro", tiny_zoo, tmp_path / "run", settings))
     assert re.fullmatch(
         r"dro: non-finite objective at iteration \d; lower lr or ascent_lr", message
     )
 
 
 def test_dro_stops_when_inversion_diverges(
-    tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_zoo: Zoo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault_spec: Callable[..., RunSpec],
 ) -> None:
     _teachers_turn_nan(monkeypatch, from_call=1)
     settings = {"iterations": 2, "eval_interval": None, "inversion_steps": 1}
-    message = _run_fails(_spec("dro", tiny_zoo, tmp_path / "run", settings))
+    message = _run_fails(fault_spec("dro", tiny_zoo, tmp_path / "run", settings))
     assert message == "dro: inversion produced non-finite images; lower inversion_lr"
 
 
 def test_runner_never_records_a_model_with_non_finite_weights(
-    tiny_zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_zoo: Zoo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fault_spec: Callable[..., RunSpec],
 ) -> None:
     """The last line of defence for a method without its own check: a NaN model still predicts
     some class, so its accuracy would look like a number."""
@@ -412,12 +435,16 @@ def test_runner_never_records_a_model_with_non_finite_weights(
         return model
 
     monkeypatch.setattr(average, "average_of_zoo", diverged)
-    message = _run_fails(_spec("average", tiny_zoo, tmp_path / "run", {}))
+    message = _run_fails(fault_spec("average", tiny_zoo, tmp_path / "run", {}))
     assert message.startswith("average: the meta-model at iteration 0 has non-finite weights")
 
 
-def test_teacher_training_stops_when_its_weights_diverge(tmp_path: Path) -> None:
-    recipe = _tiny_recipe("diverges", 2, optimizers={"conv4": {"name": "adam", "lr": 1e30}})
+def test_teacher_training_stops_when_its_weights_diverge(
+    tmp_path: Path, toy_dataset_name: str
+) -> None:
+    recipe = _tiny_recipe(
+        toy_dataset_name, "diverges", 2, optimizers={"conv4": {"name": "adam", "lr": 1e30}}
+    )
     with pytest.raises(DfmlError, match=r"teacher 0 has non-finite weights after epoch \d"):
         train_zoo(recipe, tmp_path / "zoo", progress=False)
     assert not list((tmp_path / "zoo").glob("teacher-000.*"))

@@ -2,24 +2,24 @@
 config variants (docs/fidelity.md)."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from dfml_bench.config import parse_workflow_config, run_spec
+from dfml_bench.config import RunSpec, parse_workflow_config, run_spec
 from dfml_bench.errors import ConfigError
 from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method, method_class
-from dfml_bench.methods.average import average_of_zoo, doubled_state_dicts, head_names
 from dfml_bench.methods.dro import FusionNetwork
 from dfml_bench.methods.purer import PurerSettings
 from dfml_bench.models import build_model
 from dfml_bench.reporting.tables import method_notes
 from dfml_bench.runner import execute_run
+from dfml_bench.zoo.fusion import average_of_zoo, doubled_state_dicts, head_names
 from dfml_bench.zoo.manifest import Zoo
-from tests.conftest import ss_run_spec
 
 
 def test_unset_named_settings_follow_the_profile_and_explicit_ones_win() -> None:
@@ -109,7 +109,9 @@ def test_each_method_is_evaluated_with_its_papers_fine_tuning() -> None:
     assert run_spec(parse_workflow_config(raw), "ss", "purer", 1, 0).evaluation.inner_steps == 5
 
 
-def test_records_state_the_protocol_and_profile_they_ran(toy_zoo: Zoo, tmp_path: Path) -> None:
+def test_records_state_the_protocol_and_profile_they_ran(
+    toy_zoo: Zoo, tmp_path: Path, ss_run_spec: Callable[..., RunSpec]
+) -> None:
     evaluation = EvaluationSettings(episodes=4, val_episodes=4, queries=3)
     spec = ss_run_spec("average", toy_zoo.directory, tmp_path / "run", evaluation)
     record = json.loads(execute_run(spec, progress=False)[1].read_text())

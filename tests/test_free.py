@@ -2,18 +2,20 @@
 step and its ablation, the memory, teacher sampling, the profiles, and that replay learns the
 recovered tasks. The authors' step-by-step numbers are pinned in test_golden.py."""
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dfml_bench.data import load_dataset
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
 from dfml_bench.inversion.pixels import CropFlip, Normalisation
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.meta.maml import maml_outer_loss
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method, method_names
 from dfml_bench.methods.free import (
     FreeSettings,
@@ -25,40 +27,8 @@ from dfml_bench.methods.free import (
     distillation_loss,
     recover_task,
 )
-from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import build_model
 from dfml_bench.zoo.manifest import Zoo
-
-SHORT = {  # one post-warm-up epoch of small pieces
-    "epochs": 2,
-    "warmup_epochs": 1,
-    "per_class": 16,
-    "generator_steps": 2,
-    "generator_width": 8,
-    "latent_dim": 16,
-    "meta_batch": 2,
-    "inner_steps": 1,
-    "max_replay_batches": 2,
-    "eval_interval": None,
-}
-
-
-def _context(zoo: Zoo, artifacts: Path | None = None) -> MetaTrainContext:
-    normalisations = {}
-    for name in zoo.datasets:
-        data = load_dataset(name, 32)
-        normalisations[name] = Normalisation(data.mean, data.std)
-    return MetaTrainContext(
-        zoo,
-        MetaModelSpec(),
-        5,
-        1,
-        0,
-        torch.device("cpu"),
-        False,
-        artifacts,
-        normalisations=normalisations,
-    )
 
 
 def test_generator_makes_pixels_and_checks_its_size() -> None:
@@ -70,9 +40,11 @@ def test_generator_makes_pixels_and_checks_its_size() -> None:
         Generator(30)
 
 
-def test_a_context_without_the_teachers_normalisation_is_refused(toy_zoo: Zoo) -> None:
+def test_a_context_without_the_teachers_normalisation_is_refused(
+    toy_zoo: Zoo, free_short: dict[str, Any]
+) -> None:
     context = MetaTrainContext(toy_zoo, MetaModelSpec(), 5, 1, 0, torch.device("cpu"), False)
-    method = create_method("free", SHORT)
+    method = create_method("free", free_short)
     with pytest.raises(Exception, match="no pixel normalisation for dataset 'test-toy'"):
         list(method.meta_train(context))
 
@@ -197,20 +169,26 @@ def test_memory_keeps_a_ring_of_writes_per_class_as_8_bit_pixels() -> None:
 @pytest.mark.parametrize(
     ("fidelity", "stored_teachers"), [("authors", "last"), ("corrected", "every")]
 )
+@pytest.mark.slow
 def test_memory_receives_the_last_teacher_under_the_authors_profile(
-    toy_zoo: Zoo, tmp_path: Path, fidelity: str, stored_teachers: str
+    toy_zoo: Zoo,
+    tmp_path: Path,
+    fidelity: str,
+    stored_teachers: str,
+    free_short: dict[str, Any],
+    free_context: Callable[..., MetaTrainContext],
 ) -> None:
     """Warm-up stores nothing; after it, the authors' code stores only the last sampled
     teacher's images (its add sits after the teacher loop), corrected stores every teacher's."""
     method = create_method(
-        "free", SHORT | {"fidelity": fidelity, "teachers_per_epoch": 3, "epochs": 2}
+        "free", free_short | {"fidelity": fidelity, "teachers_per_epoch": 3, "epochs": 2}
     )
-    checkpoints = list(method.meta_train(_context(toy_zoo, tmp_path)))
+    checkpoints = list(method.meta_train(free_context(toy_zoo, tmp_path)))
     assert len(checkpoints) == 1
     writes = sum(len(ring) for ring in method.memory.rings.values())
     assert writes == 5 * (1 if stored_teachers == "last" else 3)  # one post-warm-up epoch
-    assert method.timings.extra["images_recovered"] == 3 * 5 * 16
-    assert method.timings.extra["adversarial_epochs"] == 1
+    assert method.timings.images_recovered == 3 * 5 * 16
+    assert method.timings.adversarial_epochs == 1
     assert (tmp_path / "recovered.png").stat().st_size > 0
     assert (tmp_path / "pseudo-task.png").stat().st_size > 0
 
@@ -244,10 +222,13 @@ def test_profiles_resolve_every_named_difference() -> None:
     }
 
 
-def test_the_authors_student_is_the_last_replay_tasks_adapted_weights(toy_zoo: Zoo) -> None:
-    method = create_method("free", SHORT)
-    list(method.meta_train(_context(toy_zoo)))
-    context = _context(toy_zoo)
+@pytest.mark.slow
+def test_the_authors_student_is_the_last_replay_tasks_adapted_weights(
+    toy_zoo: Zoo, free_short: dict[str, Any], free_context: Callable[..., MetaTrainContext]
+) -> None:
+    method = create_method("free", free_short)
+    list(method.meta_train(free_context(toy_zoo)))
+    context = free_context(toy_zoo)
     model = use_batch_statistics(build_model("conv4", 5, 32))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches, adapted = method._replay(
@@ -256,12 +237,15 @@ def test_the_authors_student_is_the_last_replay_tasks_adapted_weights(toy_zoo: Z
     assert batches == 2
     assert any(not torch.equal(adapted[k], p) for k, p in model.named_parameters())
     assert torch.equal(method._student_params(model, adapted)["head.bias"], adapted["head.bias"])
-    corrected = create_method("free", SHORT | {"fidelity": "corrected"})
+    corrected = create_method("free", free_short | {"fidelity": "corrected"})
     own = corrected._student_params(model, adapted)
     assert torch.equal(own["head.bias"], model.head.bias)
 
 
-def test_meta_generator_makes_fresh_images_the_teachers_recognise(toy_zoo: Zoo) -> None:
+@pytest.mark.slow
+def test_meta_generator_makes_fresh_images_the_teachers_recognise(
+    toy_zoo: Zoo, free_context: Callable[..., MetaTrainContext]
+) -> None:
     """After some warm-up epochs, images from NEW latents (no adaptation) are classified by the
     teachers with more confidence than those of the initial generator."""
     settings = {
@@ -272,7 +256,7 @@ def test_meta_generator_makes_fresh_images_the_teachers_recognise(toy_zoo: Zoo) 
         "meta_generator_lr": 0.01,
         "generator_width": 16,
     }
-    context = _context(toy_zoo)
+    context = free_context(toy_zoo)
     normalisation = context.normalisations["test-toy"]
     torch.manual_seed(0)
     initial = Generator(32, width=16)
@@ -290,13 +274,20 @@ def test_meta_generator_makes_fresh_images_the_teachers_recognise(toy_zoo: Zoo) 
 
 
 @pytest.mark.parametrize(("name", "moves"), [("free", True), ("free-no-metagen", False)])
-def test_only_free_moves_its_meta_generator(toy_zoo: Zoo, name: str, moves: bool) -> None:
+@pytest.mark.slow
+def test_only_free_moves_its_meta_generator(
+    toy_zoo: Zoo,
+    name: str,
+    moves: bool,
+    free_short: dict[str, Any],
+    free_context: Callable[..., MetaTrainContext],
+) -> None:
     """The same seed after 1 and after 2 epochs: FREE's meta-generator has moved, the
     ablation's has not (it inverts with a fresh generator per teacher)."""
     generators = []
     for epochs in (1, 2):
-        method = create_method(name, SHORT | {"epochs": epochs, "warmup_epochs": epochs})
-        list(method.meta_train(_context(toy_zoo)))
+        method = create_method(name, free_short | {"epochs": epochs, "warmup_epochs": epochs})
+        list(method.meta_train(free_context(toy_zoo)))
         generators.append(dict(method.meta_generator_model.named_parameters()))
     same = all(torch.equal(generators[0][k], generators[1][k]) for k in generators[0])
     assert same != moves
@@ -308,7 +299,9 @@ def test_variants_are_registered() -> None:
     assert not create_method("free-no-metagen").meta_generator
 
 
-def test_replay_learns_tasks_from_the_memory(toy_zoo: Zoo) -> None:
+def test_replay_learns_tasks_from_the_memory(
+    toy_zoo: Zoo, free_short: dict[str, Any], free_context: Callable[..., MetaTrainContext]
+) -> None:
     """MAML replay raises the meta-learner's query accuracy on memory tasks it has not drawn.
     The memory holds 10 classes of learnable images (a colour per class, plus noise), written
     as recovered images are, so the sampling, labels and normalisation of replay are tested."""
@@ -319,7 +312,7 @@ def test_replay_learns_tasks_from_the_memory(toy_zoo: Zoo) -> None:
         noise = 0.15 * torch.randn(10, 20, 3, 32, 32, generator=generator)
         pixels = (colours[:, None] + noise).clamp(0, 1).flatten(0, 1)
         memory.add(pixels, torch.arange(100, 110).repeat_interleave(20), 0, 0)
-    method = create_method("free", SHORT | {"max_replay_batches": 15, "replay_patience": 15})
+    method = create_method("free", free_short | {"max_replay_batches": 15, "replay_patience": 15})
     torch.manual_seed(0)
     model = use_batch_statistics(build_model("conv4", 5, 32))
     held_out = [memory.sample_task(5, 1, 5, torch.Generator().manual_seed(i)) for i in range(8)]
@@ -330,14 +323,16 @@ def test_replay_learns_tasks_from_the_memory(toy_zoo: Zoo) -> None:
 
     before = accuracy()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    method._replay(model, optimizer, memory, _context(toy_zoo), generator, 2)
+    method._replay(model, optimizer, memory, free_context(toy_zoo), generator, 2)
     assert accuracy() > before + 20, (before, accuracy())
 
 
-def test_distillation_takes_teachers_with_different_class_counts(toy_zoo: Zoo) -> None:
+def test_distillation_takes_teachers_with_different_class_counts(
+    toy_zoo: Zoo, free_short: dict[str, Any]
+) -> None:
     """A zoo over 64 classes ends with a 4-class teacher: its images (4 x per_class) are
     distilled next to 5-class ones under the same crop and flip."""
-    method = create_method("free", SHORT)
+    method = create_method("free", free_short)
     model, teachers, _ = _models(toy_zoo)
     normalisation = Normalisation((0.5,) * 3, (0.25,) * 3)
     recoveries = [

@@ -70,6 +70,7 @@ def test_images_at_84_px() -> None:
         assert images.float().std() > 20  # a glyph on a background, not a flat image
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_and_seeded() -> None:
     domain = glyphs.DOMAINS[1]
     first = glyphs.build_glyph_splits(32, 5, seed=3, dataset=domain.dataset)
@@ -81,6 +82,7 @@ def test_build_is_deterministic_and_seeded() -> None:
         assert not torch.equal(first[split].images, other[split].images)
 
 
+@pytest.mark.slow
 def test_cache_round_trip_renders_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     built = glyphs.load_glyph_dataset("glyphs", 32, tmp_path, images_per_class=PER_CLASS)
     assert len(list(tmp_path.glob("*/index.json"))) == len(glyphs.DOMAINS)
@@ -116,6 +118,7 @@ def test_datasets_are_registered_as_embedded() -> None:
         assert entry.embedded and entry.default_image_size == 32
 
 
+@pytest.mark.slow
 def test_classes_are_pairwise_distinct(codes: list[int]) -> None:
     masks = torch.stack([glyphs.canonical_mask(code) for code in codes])
     worst = 0.0

@@ -25,17 +25,18 @@ from torch import nn
 from torch.func import functional_call
 
 from dfml_bench.data.task import Task
-from dfml_bench.evaluation.adaptation import (
+from dfml_bench.inversion.generator import Generator
+from dfml_bench.inversion.memory import ImageMemory
+from dfml_bench.inversion.pixels import CropFlip, Normalisation
+from dfml_bench.inversion.pool import PseudoImagePool
+from dfml_bench.meta.adaptation import (
     batched_logits,
     finetune,
     finetune_batched,
     parameters_of,
     use_batch_statistics,
 )
-from dfml_bench.inversion.generator import Generator
-from dfml_bench.inversion.memory import ImageMemory
-from dfml_bench.inversion.pixels import CropFlip, Normalisation
-from dfml_bench.inversion.pool import PseudoImagePool
+from dfml_bench.meta.maml import maml_outer_loss
 from dfml_bench.methods.free import (
     FreeSettings,
     RecoveryTarget,
@@ -44,10 +45,8 @@ from dfml_bench.methods.free import (
     meta_generator_step,
     recover_task,
 )
-from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.models import ModelInit, build_model
 from dfml_bench.models.resnet import BasicBlock
-from tests.conftest import CUDA
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("DFML_GOLDEN_DIR") or REPO.parent / "shared" / "golden")
@@ -663,7 +662,7 @@ def test_curriculum_trigger_matches_the_authors(case: str, sequence: str) -> Non
 
 
 @pytest.mark.usefixtures("no_tf32")
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_vectorised_eci_adversarial_step_matches_the_authors(
     device: str, dtype: torch.dtype
 ) -> None:

@@ -8,7 +8,6 @@ from torch import nn
 from torch.func import functional_call
 
 from dfml_bench.data import load_dataset
-from dfml_bench.evaluation.adaptation import finetune, parameters_of, use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationSettings, evaluate
 from dfml_bench.evaluation.icfil import (
     IcfilSettings,
@@ -17,8 +16,8 @@ from dfml_bench.evaluation.icfil import (
     invert_adapted,
 )
 from dfml_bench.inversion.deepinversion import channel_statistics
+from dfml_bench.meta.adaptation import finetune, parameters_of, use_batch_statistics
 from dfml_bench.models import build_model
-from tests.conftest import TOY
 
 WAYS = 5
 
@@ -247,8 +246,8 @@ def test_contrastive_loss_matches_a_hand_computed_example() -> None:
         )
 
 
-def test_evaluate_with_and_without_icfil() -> None:
-    dataset = load_dataset(TOY)
+def test_evaluate_with_and_without_icfil(toy_dataset_name: str) -> None:
+    dataset = load_dataset(toy_dataset_name)
     model = _meta_model()
     settings = EvaluationSettings(ways=WAYS, episodes=3, queries=3, inner_steps=2, inner_lr=0.01)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +23,6 @@ MINI_WNIDS = {split: split_list("miniimagenet", split) for split in SIZES}
 CIFAR_FS = {split: [line.split(",") for line in split_list("cifar-fs", split)] for split in SIZES}
 
 
-def _save_jpeg(path: Path, seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> None:
-    """A small random image; the non-square size exercises the resize."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).convert(mode).save(path, quality=90)
-
-
-def _write_tiny(root: Path, per_class: int = 2) -> Path:
-    folder = root / "tiny-imagenet-200"
-    wnids = [wnid for split in SIZES for wnid in WNIDS[split]]
-    for index, wnid in enumerate(wnids):
-        for k in range(per_class):
-            _save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", index * 10 + k)
-    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    (folder / "words.txt").write_text("".join(f"{wnid}\tthing {wnid}\n" for wnid in wnids))
-    return folder
-
-
 def _check_splits(dataset: FewShotDataset, sizes: dict[str, int], image_size: int) -> None:
     assert {split: dataset.split(split).num_classes for split in sizes} == sizes
     names = [set(dataset.split(split).class_names) for split in sizes]
@@ -52,8 +35,10 @@ def _check_splits(dataset: FewShotDataset, sizes: dict[str, int], image_size: in
 
 
 @pytest.mark.parametrize("size", [32, 84])
-def test_tiny_imagenet_splits_and_shapes(tmp_path: Path, size: int) -> None:
-    _write_tiny(tmp_path / "data")
+def test_tiny_imagenet_splits_and_shapes(
+    tmp_path: Path, size: int, write_tiny_imagenet: Callable[..., Path]
+) -> None:
+    write_tiny_imagenet(tmp_path / "data")
     dataset = tiny_imagenet.load_tiny_imagenet(tmp_path / "data", size, tmp_path / "cache")
     _check_splits(dataset, SIZES, size)
     assert dataset.split("val").class_names == tuple(WNIDS["val"])
@@ -62,11 +47,13 @@ def test_tiny_imagenet_splits_and_shapes(tmp_path: Path, size: int) -> None:
     assert f"{WNIDS['test'][0]}: thing {WNIDS['test'][0]}" in dataset.notes["class_words"]
 
 
-def test_greyscale_and_rgba_become_rgb(tmp_path: Path) -> None:
-    folder = _write_tiny(tmp_path / "data")
+def test_greyscale_and_rgba_become_rgb(
+    tmp_path: Path, write_tiny_imagenet: Callable[..., Path], save_jpeg: Callable[..., None]
+) -> None:
+    folder = write_tiny_imagenet(tmp_path / "data")
     wnid = WNIDS["train"][0]
-    _save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_8.JPEG", 1, mode="L")
-    _save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_9.png", 2, mode="RGBA")
+    save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_8.JPEG", 1, mode="L")
+    save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_9.png", 2, mode="RGBA")
     dataset = tiny_imagenet.load_tiny_imagenet(tmp_path / "data", 32, tmp_path / "cache")
     train = dataset.split("train")
     first = train.images[train.labels == 0]
@@ -76,8 +63,10 @@ def test_greyscale_and_rgba_become_rgb(tmp_path: Path) -> None:
     assert not torch.equal(first[3][0], first[3][1])
 
 
-def test_undecodable_image_is_skipped_with_one_counting_warning(tmp_path: Path) -> None:
-    folder = _write_tiny(tmp_path / "data")
+def test_undecodable_image_is_skipped_with_one_counting_warning(
+    tmp_path: Path, write_tiny_imagenet: Callable[..., Path]
+) -> None:
+    folder = write_tiny_imagenet(tmp_path / "data")
     for wnid in (WNIDS["train"][0], WNIDS["test"][0]):
         (folder / "train" / wnid / "images" / f"{wnid}_7.JPEG").write_bytes(b"not a jpeg")
     with pytest.warns(UserWarning, match="skipped 2 undecodable") as record:
@@ -86,8 +75,10 @@ def test_undecodable_image_is_skipped_with_one_counting_warning(tmp_path: Path) 
     assert torch.bincount(dataset.split("train").labels)[0] == 2
 
 
-def test_class_without_decodable_images_is_an_error(tmp_path: Path) -> None:
-    folder = _write_tiny(tmp_path / "data", per_class=1)
+def test_class_without_decodable_images_is_an_error(
+    tmp_path: Path, write_tiny_imagenet: Callable[..., Path]
+) -> None:
+    folder = write_tiny_imagenet(tmp_path / "data", per_class=1)
     wnid = WNIDS["val"][3]
     (folder / "train" / wnid / "images" / f"{wnid}_0.JPEG").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(DatasetError, match=f"none of the 1 image.*'{wnid}'"):
@@ -112,8 +103,10 @@ def test_missing_root_errors_name_the_path_and_the_fix(tmp_path: Path) -> None:
         assert str(missing) in message and "\n" not in message and "download" in message
 
 
-def test_missing_wnid_folder_is_an_error(tmp_path: Path) -> None:
-    folder = _write_tiny(tmp_path / "data", per_class=1)
+def test_missing_wnid_folder_is_an_error(
+    tmp_path: Path, write_tiny_imagenet: Callable[..., Path]
+) -> None:
+    folder = write_tiny_imagenet(tmp_path / "data", per_class=1)
     wnid = WNIDS["test"][5]
     for file in (folder / "train" / wnid / "images").iterdir():
         file.unlink()
@@ -123,9 +116,12 @@ def test_missing_wnid_folder_is_an_error(tmp_path: Path) -> None:
 
 
 def test_second_load_reads_the_cache_and_a_changed_source_rebuilds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_tiny_imagenet: Callable[..., Path],
+    save_jpeg: Callable[..., None],
 ) -> None:
-    folder = _write_tiny(tmp_path / "data", per_class=1)
+    folder = write_tiny_imagenet(tmp_path / "data", per_class=1)
     first = tiny_imagenet.load_tiny_imagenet(tmp_path / "data", 32, tmp_path / "cache")
 
     def refuse(path: Path, size: int) -> np.ndarray:
@@ -136,7 +132,7 @@ def test_second_load_reads_the_cache_and_a_changed_source_rebuilds(
     assert torch.equal(first.split("test").images, again.split("test").images)
     assert first.split("test").class_names == again.split("test").class_names
     wnid = WNIDS["train"][0]
-    _save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_0.JPEG", 99, size=(50, 50))
+    save_jpeg(folder / "train" / wnid / "images" / f"{wnid}_0.JPEG", 99, size=(50, 50))
     with pytest.raises(AssertionError, match="decoded again"):
         tiny_imagenet.load_tiny_imagenet(tmp_path / "data", 32, tmp_path / "cache")
 
@@ -144,44 +140,19 @@ def test_second_load_reads_the_cache_and_a_changed_source_rebuilds(
 # CIFAR-FS -------------------------------------------------------------------------------
 
 
-def _cifar_names() -> tuple[list[str], list[str]]:
-    pairs = [pair for split in SIZES for pair in CIFAR_FS[split]]
-    fine = sorted(name for _, name in pairs)
-    coarse = sorted({superclass for superclass, _ in pairs})
-    return fine, coarse
-
-
-def _write_cifar(root: Path) -> Path:
-    """The official pickles' structure: per-image rows of 3072 bytes (R, G, B planes)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    fine, coarse = _cifar_names()
-    superclass = {name: sup for split in SIZES for sup, name in CIFAR_FS[split]}
-    rng = np.random.default_rng(0)
-    for part, per_class in (("train", 2), ("test", 1)):
-        labels = [label for label in range(100) for _ in range(per_class)]
-        batch = {
-            "filenames": [f"{part}_{i}.png" for i in range(len(labels))],
-            "batch_label": f"{part} batch",
-            "fine_labels": labels,
-            "coarse_labels": [coarse.index(superclass[fine[label]]) for label in labels],
-            "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
-        }
-        (folder / part).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {"fine_label_names": fine, "coarse_label_names": coarse}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return folder
-
-
-def test_cifar_fs_pools_train_and_test_per_class(tmp_path: Path) -> None:
-    folder = _write_cifar(tmp_path / "data")
+def test_cifar_fs_pools_train_and_test_per_class(
+    tmp_path: Path,
+    write_cifar: Callable[[Path], Path],
+    cifar_names: Callable[[], tuple[list[str], list[str]]],
+) -> None:
+    folder = write_cifar(tmp_path / "data")
     dataset = cifar_fs.load_cifar_fs(tmp_path / "data", 32, tmp_path / "cache")
     _check_splits(dataset, SIZES, 32)
     assert dataset.split("test").class_names == tuple(name for _, name in CIFAR_FS["test"])
     assert torch.equal(torch.bincount(dataset.split("train").labels), torch.full((64,), 3))
     # Pixels are kept exactly at 32 px: first train image of the first meta-train class.
     batch = pickle.loads((folder / "train").read_bytes())
-    fine, _ = _cifar_names()
+    fine, _ = cifar_names()
     row = batch["fine_labels"].index(fine.index(dataset.split("train").class_names[0]))
     expected = torch.from_numpy(batch["data"][row].reshape(3, 32, 32))
     assert torch.equal(dataset.split("train").images[0], expected)
@@ -189,8 +160,10 @@ def test_cifar_fs_pools_train_and_test_per_class(tmp_path: Path) -> None:
     assert cifar_fs.load_cifar_fs(tmp_path / "data", 84, tmp_path / "cache").image_size == 84
 
 
-def test_cifar_fs_cache_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_cifar(tmp_path / "data")
+def test_cifar_fs_cache_hit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_cifar: Callable[[Path], Path]
+) -> None:
+    write_cifar(tmp_path / "data")
     first = cifar_fs.load_cifar_fs(tmp_path / "data", 32, tmp_path / "cache")
 
     def refuse(path: Path) -> dict:
@@ -209,8 +182,10 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused_without_running_code(tmp_path: Path) -> None:
-    folder = _write_cifar(tmp_path / "data")
+def test_malicious_pickle_is_refused_without_running_code(
+    tmp_path: Path, write_cifar: Callable[[Path], Path]
+) -> None:
+    folder = write_cifar(tmp_path / "data")
     marker = tmp_path / "pwned"
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": _Exploit(marker)}))
     with pytest.raises(DatasetError, match=r"refused to load global (posix|nt)\.system"):
@@ -218,9 +193,13 @@ def test_malicious_pickle_is_refused_without_running_code(tmp_path: Path) -> Non
     assert not marker.exists()
 
 
-def test_cifar_fs_missing_file_and_wrong_class_names(tmp_path: Path) -> None:
-    folder = _write_cifar(tmp_path / "data")
-    fine, coarse = _cifar_names()
+def test_cifar_fs_missing_file_and_wrong_class_names(
+    tmp_path: Path,
+    write_cifar: Callable[[Path], Path],
+    cifar_names: Callable[[], tuple[list[str], list[str]]],
+) -> None:
+    folder = write_cifar(tmp_path / "data")
+    fine, coarse = cifar_names()
     fine[fine.index("whale")] = "orca"
     meta = {"fine_label_names": fine, "coarse_label_names": coarse}
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
@@ -235,7 +214,7 @@ def test_cifar_fs_missing_file_and_wrong_class_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["images/<wnid>", "<wnid>", "flat"])
-def test_miniimagenet_layouts(tmp_path: Path, layout: str) -> None:
+def test_miniimagenet_layouts(tmp_path: Path, layout: str, save_jpeg: Callable[..., None]) -> None:
     folder = tmp_path / "data" / "miniimagenet"
     for index, wnid in enumerate(wnid for split in SIZES for wnid in MINI_WNIDS[split]):
         for k in range(2):
@@ -244,30 +223,30 @@ def test_miniimagenet_layouts(tmp_path: Path, layout: str) -> None:
                 "<wnid>": f"{wnid}/{k}.jpg",
                 "flat": f"images/{wnid}{k:08d}.jpg",
             }[layout]
-            _save_jpeg(folder / name, index * 2 + k, size=(90, 70))
+            save_jpeg(folder / name, index * 2 + k, size=(90, 70))
     dataset = miniimagenet.load_miniimagenet(tmp_path / "data", 84, tmp_path / "cache")
     _check_splits(dataset, SIZES, 84)
     assert dataset.split("train").class_names == tuple(MINI_WNIDS["train"])
     assert len(dataset.split("test").images) == 40
 
 
-def test_miniimagenet_missing_wnid(tmp_path: Path) -> None:
+def test_miniimagenet_missing_wnid(tmp_path: Path, save_jpeg: Callable[..., None]) -> None:
     folder = tmp_path / "data" / "miniimagenet" / "images"
     for wnid in [w for split in SIZES for w in MINI_WNIDS[split]][1:]:
-        _save_jpeg(folder / wnid / "0.jpg", 0)
+        save_jpeg(folder / wnid / "0.jpg", 0)
     with pytest.raises(DatasetError, match=f"class folder not found: .*{MINI_WNIDS['train'][0]}"):
         miniimagenet.load_miniimagenet(tmp_path / "data", 84, tmp_path / "cache")
 
 
-def _write_cub(root: Path, num_classes: int = 200) -> Path:
+def _write_cub(save_jpeg: Callable[..., None], root: Path, num_classes: int = 200) -> Path:
     folder = root / "CUB_200_2011" / "images"
     for index in range(num_classes):
-        _save_jpeg(folder / f"{index + 1:03d}.Bird_{index}" / f"Bird_{index}_1.jpg", index)
+        save_jpeg(folder / f"{index + 1:03d}.Bird_{index}" / f"Bird_{index}_1.jpg", index)
     return folder
 
 
-def test_cub_split_by_sorted_folder_index(tmp_path: Path) -> None:
-    _write_cub(tmp_path / "data")
+def test_cub_split_by_sorted_folder_index(tmp_path: Path, save_jpeg: Callable[..., None]) -> None:
+    _write_cub(save_jpeg, tmp_path / "data")
     dataset = cub.load_cub(tmp_path / "data", 32, tmp_path / "cache")
     _check_splits(dataset, {"train": 100, "val": 50, "test": 50}, 32)
     assert dataset.split("train").class_names[:2] == ("001.Bird_0", "003.Bird_2")
@@ -275,8 +254,10 @@ def test_cub_split_by_sorted_folder_index(tmp_path: Path) -> None:
     assert dataset.split("test").class_names[:2] == ("004.Bird_3", "008.Bird_7")
 
 
-def test_cub_needs_exactly_200_class_folders(tmp_path: Path) -> None:
-    folder = _write_cub(tmp_path / "data", num_classes=199)
+def test_cub_needs_exactly_200_class_folders(
+    tmp_path: Path, save_jpeg: Callable[..., None]
+) -> None:
+    folder = _write_cub(save_jpeg, tmp_path / "data", num_classes=199)
     with pytest.raises(DatasetError, match=f"found 199 class folders, not 200: {folder}"):
         cub.load_cub(tmp_path / "data", 32, tmp_path / "cache")
 

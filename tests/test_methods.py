@@ -5,11 +5,10 @@ import torch
 
 from dfml_bench.errors import DfmlError
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method, method_names
-from dfml_bench.methods.average import average_state_dicts
 from dfml_bench.models import build_model
+from dfml_bench.zoo.fusion import average_state_dicts
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY
 
 
 def test_average_of_identical_models_is_the_model() -> None:
@@ -33,10 +32,11 @@ def test_unknown_method_is_a_clear_error() -> None:
     assert {"random", "average"} <= set(method_names())
 
 
-def test_average_refuses_mixed_architectures(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_average_refuses_mixed_architectures(tmp_path: Path, toy_dataset_name: str) -> None:
     recipe = ZooRecipe(
         name="mixed",
-        datasets=[TOY],
+        datasets=[toy_dataset_name],
         image_size=32,
         architectures=["conv4", "resnet10"],
         teachers_per_dataset=2,

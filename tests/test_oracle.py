@@ -1,21 +1,26 @@
 """The oracle (MAML on real meta-train data): beats Random, and is an upper bound in tables."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from dfml_bench.config import RunSpec
 from dfml_bench.methods import create_method
 from dfml_bench.reporting.tables import scenario_tables, to_latex, to_markdown
 from dfml_bench.runner import execute_run
-from tests.test_purer import _spec
 
 
-def test_oracle_is_not_data_free_and_beats_random(glyph_zoo_dir: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_oracle_is_not_data_free_and_beats_random(
+    glyph_zoo_dir: str, tmp_path: Path, paired_run_spec: Callable[..., RunSpec]
+) -> None:
     assert create_method("oracle").data_free is False
     accuracies = {}
     for method, settings in (("random", {}), ("oracle", {"iterations": 15, "eval_interval": None})):
-        spec = _spec(method, glyph_zoo_dir, tmp_path / method, settings, 5)
+        spec = paired_run_spec(method, glyph_zoo_dir, tmp_path / method, settings, 5)
         record = json.loads(execute_run(spec, progress=False)[0].read_text())
         accuracies[method] = record["acc_mean"]
         assert record["data_free"] is (method != "oracle")

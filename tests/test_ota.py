@@ -2,9 +2,9 @@
 
 import torch
 
-from dfml_bench.methods.average import average_state_dicts
 from dfml_bench.methods.ota import activation_costs, align_to, conv_layers, transport_matrix
 from dfml_bench.models import build_model
+from dfml_bench.zoo.fusion import average_state_dicts
 
 
 def _trained_looking_model(seed: int) -> torch.nn.Module:

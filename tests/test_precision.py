@@ -4,31 +4,25 @@ stay close to float32, and float32 is bitwise what it was without the setting.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from dfml_bench.config import RunSpec
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss_over_teachers
 from dfml_bench.inversion.precision import inversion_autocast
 from dfml_bench.inversion.vectorised import StackedTeachers
 from dfml_bench.runner import execute_run, record_path
-from tests.test_resume import spec_for
-from tests.test_vectorised_inversion import _zoo
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
-    ),
-]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _loss_and_gradients(
-    name: str, precision: str, stacked: bool, device: str = "cpu"
+    zoo: Callable, name: str, precision: str, stacked: bool, device: str = "cpu"
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    teachers, images, targets = _zoo(name)
+    teachers, images, targets = zoo(name)
     teachers = [teacher.to(device) for teacher in teachers]
     images = [image.to(device).requires_grad_() for image in images]
     targets = [target.to(device) for target in targets]
@@ -49,10 +43,14 @@ def _loss_and_gradients(
 @pytest.mark.parametrize("stacked", [False, True], ids=["loop", "vectorised"])
 @pytest.mark.parametrize("name", ["conv4", "resnet10"])
 def test_bfloat16_loss_and_gradients_are_close_to_float32(
-    name: str, stacked: bool, device: str
+    name: str, stacked: bool, device: str, random_teacher_zoo: Callable
 ) -> None:
-    exact, exact_gradients = _loss_and_gradients(name, "float32", stacked, device)
-    reduced, reduced_gradients = _loss_and_gradients(name, "bfloat16", stacked, device)
+    exact, exact_gradients = _loss_and_gradients(
+        random_teacher_zoo, name, "float32", stacked, device
+    )
+    reduced, reduced_gradients = _loss_and_gradients(
+        random_teacher_zoo, name, "bfloat16", stacked, device
+    )
     assert torch.isfinite(reduced)
     assert reduced.dtype == torch.float32  # the loss itself is accumulated in float32
     assert abs(float(reduced - exact)) <= 0.03 * abs(float(exact))
@@ -63,22 +61,29 @@ def test_bfloat16_loss_and_gradients_are_close_to_float32(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bfloat16_really_changes_the_rounding(device: str) -> None:
+def test_bfloat16_really_changes_the_rounding(device: str, random_teacher_zoo: Callable) -> None:
     """Guards the test above: autocast must be active, or it would compare float32 to itself.
     On CPU autocast does not reach the teacher passes inside vmap (the vectorised loss comes out
     bitwise float32 there), so on CPU only the loop is checked."""
     for stacked in [False] if device == "cpu" else [False, True]:
-        _, gradients = _loss_and_gradients("conv4", "float32", stacked, device)
-        _, reduced_gradients = _loss_and_gradients("conv4", "bfloat16", stacked, device)
+        _, gradients = _loss_and_gradients(random_teacher_zoo, "conv4", "float32", stacked, device)
+        _, reduced_gradients = _loss_and_gradients(
+            random_teacher_zoo, "conv4", "bfloat16", stacked, device
+        )
         assert not torch.equal(gradients[0], reduced_gradients[0])
 
 
 @pytest.mark.parametrize("method", ["purer"])
-def test_bfloat16_run_scores_like_float32(method: str, glyph_zoo_dir: str, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bfloat16_run_scores_like_float32(
+    method: str, glyph_zoo_dir: str, tmp_path: Path, resumable_run_spec: Callable[..., RunSpec]
+) -> None:
     """A whole tiny run: the accuracy with bfloat16 inversion is within the CI of float32's."""
     accuracies = {}
     for precision in ("float32", "bfloat16"):
-        spec = spec_for(method, glyph_zoo_dir, tmp_path / precision, inversion_precision=precision)
+        spec = resumable_run_spec(
+            method, glyph_zoo_dir, tmp_path / precision, inversion_precision=precision
+        )
         execute_run(spec, False)
         record = json.loads(record_path(spec.run_dir, "clean").read_text())
         accuracies[precision] = (record["acc_mean"], record["acc_ci95"])

@@ -2,22 +2,21 @@
 clean = the checkpoint best on meta-val, scored on the fixed test tasks (draw 0)."""
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import BaseModel
 
-from dfml_bench.config import parse_workflow_config
+from dfml_bench.config import RunSpec, parse_workflow_config
 from dfml_bench.data import load_dataset
 from dfml_bench.errors import ConfigError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.harness import evaluate
-from dfml_bench.methods import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.methods import Checkpoint, MetaTrainContext, NoMetaTraining, register_method
 from dfml_bench.models import build_model
 from dfml_bench.runner import execute_run
-from tests.test_runner import spec_for, toy_zoo_dir  # noqa: F401  (fixture)
 
 
 class _NoSettings(BaseModel):
@@ -25,10 +24,12 @@ class _NoSettings(BaseModel):
 
 
 @register_method
-class ThreeSeeds(Method):
+class ThreeSeeds(NoMetaTraining):
     """Three random initialisations as three 'checkpoints' with different accuracies."""
 
     name = "test-three-checkpoints"
+    display_name = "Three checkpoints (test)"
+    table_order = 0
     Settings = _NoSettings
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
@@ -41,8 +42,10 @@ def _checkpoint(iteration: int) -> torch.nn.Module:
     return use_batch_statistics(build_model("conv4", 5, 32))
 
 
-def test_protocol_selection(toy_zoo_dir: Path, tmp_path: Path) -> None:  # noqa: F811
-    spec = spec_for("test-three-checkpoints", toy_zoo_dir, tmp_path)
+def test_protocol_selection(
+    toy_zoo_dir: Path, tmp_path: Path, quick_run_spec: Callable[..., RunSpec]
+) -> None:
+    spec = quick_run_spec("test-three-checkpoints", toy_zoo_dir, tmp_path)
     paper, clean = (json.loads(p.read_text()) for p in execute_run(spec, progress=False))
     assert paper["protocol"] == "paper" and clean["protocol"] == "clean"
     assert paper["checkpoints_evaluated"] == 3

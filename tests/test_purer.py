@@ -1,21 +1,22 @@
 """PURER: the ECI data step, the curriculum switch, the variants, and that it beats Random."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from dfml_bench.config import RunSpec
-from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.inversion.pool import PseudoImagePool
-from dfml_bench.methods import checkpoint_iterations, create_method, method_class, method_names
+from dfml_bench.meta.loop import checkpoint_iterations
+from dfml_bench.methods import create_method, method_class, method_names
 from dfml_bench.methods.purer import Adversary, CurriculumSwitch, eci_data_step
 from dfml_bench.models import build_model
+from dfml_bench.records import read_record
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.manifest import Zoo
-from tests.conftest import ss_run_spec
 
 
 def _teachers(zoo: Zoo) -> list[torch.nn.Module]:
@@ -49,8 +50,8 @@ def test_one_eci_step_changes_the_pool_and_lowers_the_teachers_ce(toy_zoo: Zoo) 
 def test_adversarial_step_raises_the_meta_models_loss(toy_zoo: Zoo) -> None:
     """Same start, same task: a small adversarial step raises the meta-loss on that task, a plain
     DeepInversion step does not move it as far (first-order: plain SGD with a small lr)."""
-    from dfml_bench.evaluation.adaptation import use_batch_statistics
-    from dfml_bench.methods.maml import maml_outer_loss
+    from dfml_bench.meta.adaptation import use_batch_statistics
+    from dfml_bench.meta.maml import maml_outer_loss
 
     teachers = _teachers(toy_zoo)
     torch.manual_seed(0)
@@ -136,12 +137,9 @@ def test_variants_are_registered_with_their_components() -> None:
     assert not no_icfil.uses_icfil and no_icfil.curriculum
 
 
-def _spec(method: str, zoo_dir: str, run_dir: Path, settings: dict, shots: int) -> RunSpec:
-    evaluation = EvaluationSettings(episodes=100, val_episodes=20, inner_steps=1)
-    return ss_run_spec(method, zoo_dir, run_dir, evaluation, settings=settings, shots=shots)
-
-
-def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Path) -> None:
+def test_purer_run_records_recovery_and_writes_a_grid(
+    toy_zoo: Zoo, tmp_path: Path, paired_run_spec: Callable[..., RunSpec]
+) -> None:
     import json
 
     settings = {
@@ -150,16 +148,17 @@ def test_purer_run_records_recovery_and_writes_a_grid(toy_zoo: Zoo, tmp_path: Pa
         "curriculum_start": 0,
         "curriculum_patience": 1,
     }
-    spec = _spec("purer-no-icfil", str(toy_zoo.directory), tmp_path / "run", settings, 1)
+    spec = paired_run_spec("purer-no-icfil", str(toy_zoo.directory), tmp_path / "run", settings, 1)
     paper, clean = (json.loads(p.read_text()) for p in execute_run(spec, progress=False))
     assert paper["recovery_s"] > 0 and paper["recovery_s"] < paper["meta_train_s"]
-    assert paper["method_timings"]["pseudo_images"] == 2 * 5 * 16
+    assert paper["method_timings"]["images_recovered"] == 2 * 5 * 16
     assert paper["checkpoints_evaluated"] == 2 and clean["val_acc_mean"] is not None
     assert (tmp_path / "run" / "pseudo-task.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_short_purer_run_beats_random_on_the_same_episodes(
-    glyph_zoo_dir: str, tmp_path: Path
+    glyph_zoo_dir: str, tmp_path: Path, paired_run_spec: Callable[..., RunSpec]
 ) -> None:
     """Paired over the same 100 test episodes of the embedded dataset, 5-way 5-shot."""
     import json
@@ -167,19 +166,20 @@ def test_short_purer_run_beats_random_on_the_same_episodes(
     settings = {"iterations": 15, "eval_interval": None, "curriculum_start": 2}
     accuracies = {}
     for method, method_settings in (("random", {}), ("purer-no-icfil", settings)):
-        spec = _spec(method, glyph_zoo_dir, tmp_path / method, method_settings, 5)
+        spec = paired_run_spec(method, glyph_zoo_dir, tmp_path / method, method_settings, 5)
         record = json.loads(execute_run(spec, progress=False)[0].read_text())
         accuracies[method] = record["acc_mean"]
     assert accuracies["purer-no-icfil"] > accuracies["random"] + 5.0, accuracies
 
 
+@pytest.mark.slow
 def test_full_purer_is_evaluated_with_icfil_at_the_selected_checkpoint(
-    toy_zoo: Zoo, tmp_path: Path
+    toy_zoo: Zoo, tmp_path: Path, paired_run_spec: Callable[..., RunSpec]
 ) -> None:
     import json
 
     settings = {"iterations": 2, "eval_interval": 1, "per_class": 16}
-    spec = _spec("purer", str(toy_zoo.directory), tmp_path / "run", settings, 1)
+    spec = paired_run_spec("purer", str(toy_zoo.directory), tmp_path / "run", settings, 1)
     for path in execute_run(spec, progress=False):
         record = json.loads(path.read_text())
         assert record["icfil"] is True and record["icfil_s_per_task"] > 0
@@ -199,13 +199,13 @@ def test_the_reference_run_purer_rows_differ_for_the_reason_their_names_give(
     records = sorted((REFERENCE / scenario).glob("purer*/*shot/seed*/record-clean.json"))
     assert len(records) == 6, "three PURER rows x two shot settings"
     for path in records:
-        record = json.loads(path.read_text())
-        steps = record["method_timings"]["adversarial_steps"]
-        if record["method"] == "purer-no-eci":
+        record = read_record(path)
+        steps = record.method_timings.adversarial_steps
+        if record.method == "purer-no-eci":
             assert steps == 0, path
         else:
-            assert steps >= 1, path
-            assert method_class(record["method"]).inactive_mechanisms(record) == [], path
+            assert steps is not None and steps >= 1, path
+            assert method_class(record.method).inactive_mechanisms(record) == [], path
 
 
 ECI_ABLATION = REFERENCE.parents[1] / "reference-eci-ablation-standin" / "runs" / "ss"

@@ -37,6 +37,7 @@ def test_omniglot(real_data_root: Path, tmp_path: Path) -> None:
     assert 0.8 < dataset.mean[0] < 1.0, "mostly white background"
 
 
+@pytest.mark.slow
 def test_tiny_imagenet(real_data_root: Path, tmp_path: Path) -> None:
     _require(real_data_root, "tiny-imagenet-200")
     dataset = tiny_imagenet.load_tiny_imagenet(real_data_root, 32, tmp_path)

@@ -1,7 +1,9 @@
 """Time to quality: the stopping rule, the probes, the summary, and that FREE and PURER runs
 record it."""
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,10 +17,9 @@ from dfml_bench.evaluation.recovery_speed import (
     time_to_quality,
 )
 from dfml_bench.inversion import DeepInversionWeights
-from dfml_bench.methods import create_method
+from dfml_bench.methods import MetaTrainContext, create_method
 from dfml_bench.reporting.speed import TTQ_FIELDS
 from dfml_bench.zoo.manifest import Zoo
-from tests.test_free import SHORT, _context
 
 CPU = torch.device("cpu")
 
@@ -67,10 +68,16 @@ def test_inverting_a_block_raises_the_teachers_agreement(toy_zoo: Zoo) -> None:
     assert result.quality > before and result.steps is not None
 
 
-@pytest.mark.parametrize("method", ["free", "purer-no-icfil"])
-def test_runs_record_their_time_to_quality(toy_zoo: Zoo, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("method", [pytest.param("free", marks=pytest.mark.slow), "purer-no-icfil"])
+def test_runs_record_their_time_to_quality(
+    toy_zoo: Zoo,
+    tmp_path: Path,
+    method: str,
+    free_short: dict[str, Any],
+    free_context: Callable[..., MetaTrainContext],
+) -> None:
     settings = {
-        "free": SHORT | {"time_to_quality_probes": 2, "time_to_quality_max_steps": 20},
+        "free": free_short | {"time_to_quality_probes": 2, "time_to_quality_max_steps": 20},
         "purer-no-icfil": {
             "iterations": 2,
             "eval_interval": None,
@@ -79,8 +86,8 @@ def test_runs_record_their_time_to_quality(toy_zoo: Zoo, tmp_path: Path, method:
         },
     }[method]
     created = create_method(method, settings)
-    list(created.meta_train(_context(toy_zoo, tmp_path)))
-    extra = created.timings.extra
+    list(created.meta_train(free_context(toy_zoo, tmp_path)))
+    extra = created.timings.measured()
     names = ["meta_generator", "scratch"] if method == "free" else ["eci_pool"]
     for name in names:
         assert extra[f"ttq_{name}_s"] > 0
@@ -91,5 +98,5 @@ def test_runs_record_their_time_to_quality(toy_zoo: Zoo, tmp_path: Path, method:
     # everything recorded reaches the summary (collect) and so the speed table
     assert {key for key in extra if key.startswith("ttq_")} <= set(TTQ_FIELDS)
     off = create_method(method, settings | {"time_to_quality_probes": 0})
-    list(off.meta_train(_context(toy_zoo)))
-    assert not any(key.startswith("ttq_") for key in off.timings.extra)
+    list(off.meta_train(free_context(toy_zoo)))
+    assert not any(key.startswith("ttq_") for key in off.timings.measured())

@@ -15,11 +15,16 @@ from torchvision.utils import save_image
 
 from dfml_bench.cli import main
 from dfml_bench.evaluation.stats import mean_ci95_across_seeds
+from dfml_bench.records import RunRecord
 from dfml_bench.reporting.collect import SUMMARY_COLUMNS
 from dfml_bench.reporting.figures import figure_paths, write_figures
 from dfml_bench.reporting.reference import reference_comparison, reference_markdown
 from dfml_bench.reporting.report import write_report
 from dfml_bench.reporting.tables import read_summary, write_tables
+
+REFERENCE_PURER_RECORD = (
+    Path(__file__).parents[1] / "results/reference/runs/ss/purer/1shot/seed0/record-clean.json"
+)
 
 
 def _row(method: str, shots: int, acc: float | None, **overrides: object) -> dict:
@@ -274,17 +279,23 @@ def test_a_cell_whose_mechanism_did_not_act_is_flagged_not_bold(tmp_path: Path) 
 
 def test_purer_records_say_what_did_not_act() -> None:
     from dfml_bench.methods import method_class
+    from dfml_bench.records import MethodTimings, read_record
 
-    def record(**timings: float) -> dict:
+    template = read_record(REFERENCE_PURER_RECORD)
+
+    def record(**timings: float) -> RunRecord:
         icfil = {"calibration_steps": 1, "inversion_steps": 2}
-        return {
-            "icfil": True,
-            "acc_mean": 50.0,
-            "acc_mean_without_icfil": 49.0,
-            "iteration": 6,
-            "spec": {"evaluation": {"icfil": icfil}},
-            "method_timings": timings,
-        }
+        return template.model_copy(
+            update={
+                "icfil": True,
+                "acc_mean": 50.0,
+                "acc_mean_without_icfil": 49.0,
+                "iteration": 6,
+                "spec": {"evaluation": {"icfil": icfil}},
+                "method_timings": MethodTimings(**timings),
+            },
+            deep=True,
+        )
 
     purer = method_class("purer")
     assert (
@@ -298,9 +309,10 @@ def test_purer_records_say_what_did_not_act() -> None:
         "the scored checkpoint precedes ECI's first adversarial step (8)"
     ]
     assert method_class("purer-no-eci").inactive_mechanisms(record(adversarial_steps=0)) == []
-    unchanged = record(adversarial_steps=2) | {"acc_mean_without_icfil": 50.0}
+    unchanged = record(adversarial_steps=2).model_copy(update={"acc_mean_without_icfil": 50.0})
     assert purer.inactive_mechanisms(unchanged) == ["ICFIL changed no test accuracy"]
     no_steps = record(adversarial_steps=2)
-    no_steps["spec"]["evaluation"]["icfil"]["calibration_steps"] = 0
-    assert method_class("purer-no-icfil").inactive_mechanisms(no_steps | {"icfil": False}) == []
+    no_steps.spec["evaluation"]["icfil"]["calibration_steps"] = 0
+    no_icfil = no_steps.model_copy(update={"icfil": False})
+    assert method_class("purer-no-icfil").inactive_mechanisms(no_icfil) == []
     assert purer.inactive_mechanisms(no_steps) == ["ICFIL took no calibration step"]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,55 +17,19 @@ import pytest
 
 from dfml_bench.cli import main
 from dfml_bench.config import RunSpec
-from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.models.storage import file_sha256
-from dfml_bench.resume import Checkpointer, ResumeWarning
+from dfml_bench.resume import ResumeWarning, StateStore
 from dfml_bench.runner import execute_run, record_path
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import ss_run_spec
 
 REPO = Path(__file__).resolve().parents[1]
 EVERY_ITERATION = 0.0  # save after every iteration: any of them can be the last before a kill
 TIMINGS = {"created", "environment", "meta_train_s", "recovery_s", "eval_s", "icfil_s_per_task"}
-# small budgets with every mechanism on: curriculum switches, replay, several checkpoints
-SETTINGS: dict[str, dict[str, Any]] = {
-    "purer": {
-        "iterations": 8,
-        "eval_interval": 3,
-        "per_class": 6,
-        "queries": 3,
-        "meta_batch": 2,
-        "curriculum_start": 2,
-        "curriculum_patience": 1,
-    },
-    "free": {
-        "epochs": 6,
-        "eval_interval": 2,
-        "warmup_epochs": 1,
-        "per_class": 6,
-        "queries": 3,
-        "generator_width": 8,
-        "latent_dim": 16,
-        "teachers_per_epoch": 2,
-        "generator_steps": 2,
-        "max_replay_batches": 3,
-        "replay_patience": 2,
-        "inner_steps": 1,
-        "meta_batch": 2,
-    },
-    "oracle": {"iterations": 6, "eval_interval": 2, "meta_batch": 2, "queries": 3},
-    "dro": {"iterations": 6, "eval_interval": 2, "inversion_steps": 3},
-}
 
 
 class Killed(Exception):
     """Stands for SIGKILL right after a state was saved (the worst moment to lose the rest)."""
-
-
-def spec_for(method: str, zoo_dir: str, run_dir: Path, **settings: Any) -> RunSpec:
-    evaluation = EvaluationSettings(episodes=20, val_episodes=10, queries=5, inner_steps=2)
-    return ss_run_spec(method, zoo_dir, run_dir, evaluation, settings=SETTINGS[method] | settings)
 
 
 def comparable(run_dir: Path) -> dict[str, Any]:
@@ -83,11 +48,16 @@ def comparable(run_dir: Path) -> dict[str, Any]:
     return records
 
 
+def saved_iterations(run_dir: Path) -> list[int]:
+    """The iterations whose states the run in `run_dir` holds now (state-000000004.pt: 4)."""
+    return sorted(int(path.stem.split("-")[1]) for path in run_dir.glob("resume/state-*.pt"))
+
+
 def kill_after_saves(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
-    original = Checkpointer.save
+    original = StateStore.save
     count = 0
 
-    def save(self: Checkpointer, iteration: int, state: dict[str, Any]) -> Path:
+    def save(self: StateStore, iteration: int, state: dict[str, Any]) -> Path:
         nonlocal count
         path = original(self, iteration, state)
         count += 1
@@ -95,42 +65,67 @@ def kill_after_saves(monkeypatch: pytest.MonkeyPatch, saves: int) -> None:
             raise Killed(f"after save {saves} (iteration {iteration})")
         return path
 
-    monkeypatch.setattr(Checkpointer, "save", save)
+    monkeypatch.setattr(StateStore, "save", save)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(glyph_zoo_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One uninterrupted run per method, the reference every resumed run must equal."""
+def uninterrupted(
+    glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """One uninterrupted run per method, the reference every resumed run must equal: each made
+    when a test first asks for it (the fast tier needs only the oracle's)."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    for method in SETTINGS:
-        execute_run(spec_for(method, glyph_zoo_dir, root / method), False, EVERY_ITERATION)
-    return {method: root / method for method in SETTINGS}
+
+    class Runs(dict[str, Path]):
+        def __missing__(self, method: str) -> Path:
+            spec = resumable_run_spec(method, glyph_zoo_dir, root / method)
+            execute_run(spec, False, EVERY_ITERATION)
+            self[method] = root / method
+            return self[method]
+
+    return Runs()
 
 
 # PURER: killed mid-curriculum and after the last checkpoint (then only meta-val is left); FREE:
 # mid-replay; oracle and DRO (whose inverted data must come back from the state) mid-training
 @pytest.mark.parametrize("method", ["purer", "free"])
+@pytest.mark.slow
 def test_two_runs_of_one_spec_give_identical_records(
-    method: str, glyph_zoo_dir: str, uninterrupted: dict[str, Path], tmp_path: Path
+    method: str,
+    glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
+    uninterrupted: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """Determinism on CPU: same config and seed, same records (timings aside)."""
-    execute_run(spec_for(method, glyph_zoo_dir, tmp_path / "again"), False, EVERY_ITERATION)
+    execute_run(
+        resumable_run_spec(method, glyph_zoo_dir, tmp_path / "again"), False, EVERY_ITERATION
+    )
     assert comparable(tmp_path / "again") == comparable(uninterrupted[method])
 
 
 @pytest.mark.parametrize(
     ("method", "saves"),
-    [("purer", 5), ("purer", 9), ("free", 4), ("oracle", 2), ("dro", 4)],
+    [
+        pytest.param("purer", 5, marks=pytest.mark.slow),
+        pytest.param("purer", 9, marks=pytest.mark.slow),
+        pytest.param("free", 4, marks=pytest.mark.slow),
+        ("oracle", 2),  # the fast tier's resume check
+        pytest.param("dro", 4, marks=pytest.mark.slow),
+    ],
 )
 def test_run_killed_after_a_save_resumes_to_the_same_records(
     method: str,
     saves: int,
     glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
     uninterrupted: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = spec_for(method, glyph_zoo_dir, tmp_path / "run")
+    spec = resumable_run_spec(method, glyph_zoo_dir, tmp_path / "run")
     with monkeypatch.context() as patch:
         kill_after_saves(patch, saves)
         with pytest.raises(Killed):
@@ -145,13 +140,15 @@ def test_run_killed_after_a_save_resumes_to_the_same_records(
     assert not (tmp_path / "run" / "resume").exists()  # states go once the records are written
 
 
+@pytest.mark.slow
 def test_corrupt_newest_state_falls_back_to_the_one_before(
     glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
     uninterrupted: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = spec_for("purer", glyph_zoo_dir, tmp_path / "run")
+    spec = resumable_run_spec("purer", glyph_zoo_dir, tmp_path / "run")
     with monkeypatch.context() as patch:
         kill_after_saves(patch, 5)
         with pytest.raises(Killed):
@@ -167,19 +164,21 @@ def test_corrupt_newest_state_falls_back_to_the_one_before(
     assert record["resumed_from"] == [int(states[0].stem.split("-")[1])]
 
 
+@pytest.mark.slow
 def test_state_of_another_configuration_is_not_continued(
     glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
     uninterrupted: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    changed = spec_for("purer", glyph_zoo_dir, tmp_path / "run", pool_lr=0.1)
+    changed = resumable_run_spec("purer", glyph_zoo_dir, tmp_path / "run", pool_lr=0.1)
     with monkeypatch.context() as patch:
         kill_after_saves(patch, 3)
         with pytest.raises(Killed):
             execute_run(changed, False, EVERY_ITERATION)
 
-    spec = spec_for("purer", glyph_zoo_dir, tmp_path / "run")
+    spec = resumable_run_spec("purer", glyph_zoo_dir, tmp_path / "run")
     with pytest.warns(ResumeWarning, match="another configuration"):
         execute_run(spec, False, EVERY_ITERATION)
     assert comparable(tmp_path / "run") == comparable(uninterrupted["purer"])
@@ -187,18 +186,26 @@ def test_state_of_another_configuration_is_not_continued(
 
 
 def test_no_state_is_saved_when_checkpointing_is_off(
-    glyph_zoo_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    spec = spec_for("oracle", glyph_zoo_dir, tmp_path / "run")
+    spec = resumable_run_spec("oracle", glyph_zoo_dir, tmp_path / "run")
     kill_after_saves(monkeypatch, 1)  # any save would end the run
-    execute_run(spec, False, checkpoint_interval_s=None)
+    execute_run(spec, False, state_interval_s=None)
     assert record_path(spec.run_dir, "paper").is_file()
     assert not (tmp_path / "run" / "resume").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.slow
 def test_process_killed_by_a_signal_resumes_with_the_same_command(
-    sig: signal.Signals, glyph_zoo_dir: str, uninterrupted: dict[str, Path], tmp_path: Path
+    sig: signal.Signals,
+    glyph_zoo_dir: str,
+    resumable_run_spec: Callable[..., RunSpec],
+    uninterrupted: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     """The real thing: `dfml-bench run` killed by a signal mid-training, then started again."""
     run_dir = tmp_path / "run"
@@ -209,17 +216,30 @@ def test_process_killed_by_a_signal_resumes_with_the_same_command(
         "--quiet",
         "run",
         "--spec",
-        spec_for("purer", glyph_zoo_dir, run_dir).model_dump_json(),
-        "--checkpoint-interval-s=0",
+        resumable_run_spec("purer", glyph_zoo_dir, run_dir).model_dump_json(),
+        "--state-interval-s=0",
     ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, env=os.environ)
-    deadline = time.monotonic() + 120
-    while not list(run_dir.glob("resume/state-000000004.pt")):
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no state was saved within 120 s"
-        time.sleep(0.02)
-    process.send_signal(sig)
-    assert process.wait(timeout=60) != 0
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as sink:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=sink, env=os.environ
+        )
+    try:
+        # Waits on the run's progress, not on a clock (a busy machine only slows it down): until
+        # it has saved the state of iteration 4 or later (only the newest two are kept, so a
+        # slow poll may never see state 4 itself), or until it ends without one, which fails.
+        while not any(iteration >= 4 for iteration in saved_iterations(run_dir)):
+            assert process.poll() is None, (
+                f"the run ended (exit {process.returncode}) before it could be killed, having "
+                f"saved states {saved_iterations(run_dir)}; stderr: {stderr.read_text()[-3000:]}"
+            )
+            time.sleep(0.02)
+        process.send_signal(sig)
+        assert process.wait() != 0
+    finally:
+        if process.poll() is None:  # a failure above must not leave the run going
+            process.kill()
+            process.wait()
     assert not record_path(run_dir, "paper").exists()
 
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=os.environ)
@@ -246,12 +266,12 @@ def test_teacher_training_killed_mid_way_resumes_to_the_same_weights(
     with monkeypatch.context() as patch:
         kill_after_saves(patch, 6)  # teacher 0 done (4 saves), teacher 1 after 2 of 4 epochs
         with pytest.raises(Killed):
-            train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+            train_zoo(recipe, tmp_path / "zoo", progress=False, state_interval_s=0)
     assert (tmp_path / "zoo" / "teacher-000.safetensors").is_file()
     assert not (tmp_path / "zoo" / "teacher-001.safetensors").exists()
     assert (tmp_path / "zoo" / "resume" / "teacher-001").is_dir()
 
-    resumed = train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+    resumed = train_zoo(recipe, tmp_path / "zoo", progress=False, state_interval_s=0)
     assert [t.sha256 for t in resumed.teachers] == [t.sha256 for t in reference.teachers]
     assert [t.best_epoch for t in resumed.teachers] == [t.best_epoch for t in reference.teachers]
     assert file_sha256(tmp_path / "zoo" / "teacher-001.safetensors") == resumed.teachers[1].sha256
@@ -260,10 +280,10 @@ def test_teacher_training_killed_mid_way_resumes_to_the_same_weights(
 
 @pytest.mark.parametrize("value", ["-1", "soon"])
 @pytest.mark.parametrize("command", [["zoo", "train", "x.yaml"], ["run", "--from-record", "x"]])
-def test_bad_checkpoint_interval_is_a_one_line_error(
+def test_bad_state_interval_is_a_one_line_error(
     command: list[str], value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as stopped:
-        main([*command, f"--checkpoint-interval-s={value}"])
+        main([*command, f"--state-interval-s={value}"])
     assert stopped.value.code == 2
-    assert "--checkpoint-interval-s" in capsys.readouterr().err
+    assert "--state-interval-s" in capsys.readouterr().err

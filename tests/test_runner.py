@@ -1,43 +1,20 @@
 import json
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from dfml_bench.cli import main
 from dfml_bench.config import RunSpec
-from dfml_bench.evaluation.harness import EvaluationSettings
 from dfml_bench.reporting.collect import collect
 from dfml_bench.reporting.tables import write_tables
 from dfml_bench.runner import execute_run
 from dfml_bench.zoo.recipe import ZooRecipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY, ss_run_spec
 
 
-@pytest.fixture(scope="module")
-def toy_zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    recipe = ZooRecipe(
-        name="toy",
-        datasets=[TOY],
-        image_size=32,
-        architectures=["conv4"],
-        teachers_per_dataset=2,
-        classes_per_teacher=5,
-        epochs=2,
-        batch_size=32,
-    )
-    directory = tmp_path_factory.mktemp("zoo")
-    train_zoo(recipe, directory, progress=False)
-    return directory
-
-
-def spec_for(method: str, zoo_dir: Path, run_dir: Path, shots: int = 1, seed: int = 0) -> RunSpec:
-    evaluation = EvaluationSettings(episodes=30, val_episodes=20, queries=5)
-    return ss_run_spec(method, zoo_dir, run_dir, evaluation, shots=shots, seed=seed)
-
-
-def test_run_writes_both_protocol_records(toy_zoo_dir: Path, tmp_path: Path) -> None:
-    paths = execute_run(spec_for("average", toy_zoo_dir, tmp_path / "run"), progress=False)
+def test_run_writes_both_protocol_records(
+    toy_zoo_dir: Path, tmp_path: Path, quick_run_spec: Callable[..., RunSpec]
+) -> None:
+    paths = execute_run(quick_run_spec("average", toy_zoo_dir, tmp_path / "run"), progress=False)
     assert sorted(p.name for p in paths) == ["record-clean.json", "record-paper.json"]
     record = json.loads(paths[0].read_text())
     for key in (
@@ -64,15 +41,19 @@ def test_run_writes_both_protocol_records(toy_zoo_dir: Path, tmp_path: Path) -> 
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-def test_runs_are_deterministic_and_paired(toy_zoo_dir: Path, tmp_path: Path) -> None:
-    first = execute_run(spec_for("random", toy_zoo_dir, tmp_path / "a"), progress=False)
-    second = execute_run(spec_for("random", toy_zoo_dir, tmp_path / "b"), progress=False)
+def test_runs_are_deterministic_and_paired(
+    toy_zoo_dir: Path, tmp_path: Path, quick_run_spec: Callable[..., RunSpec]
+) -> None:
+    first = execute_run(quick_run_spec("random", toy_zoo_dir, tmp_path / "a"), progress=False)
+    second = execute_run(quick_run_spec("random", toy_zoo_dir, tmp_path / "b"), progress=False)
     a, b = (json.loads(p[0].read_text()) for p in (first, second))
     assert a["acc_mean"] == b["acc_mean"] and a["acc_ci95"] == b["acc_ci95"]
 
 
-def test_rerun_from_a_record_reproduces_it(toy_zoo_dir: Path, tmp_path: Path) -> None:
-    first = execute_run(spec_for("average", toy_zoo_dir, tmp_path / "run"), progress=False)[1]
+def test_rerun_from_a_record_reproduces_it(
+    toy_zoo_dir: Path, tmp_path: Path, quick_run_spec: Callable[..., RunSpec]
+) -> None:
+    first = execute_run(quick_run_spec("average", toy_zoo_dir, tmp_path / "run"), progress=False)[1]
     original = json.loads(first.read_text())
     first.rename(tmp_path / "kept.json")
     assert main(["--quiet", "run", "--from-record", str(tmp_path / "kept.json")]) == 0
@@ -85,12 +66,14 @@ def test_rerun_from_a_record_reproduces_it(toy_zoo_dir: Path, tmp_path: Path) ->
     )
 
 
-def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
+def test_collect_and_tables(
+    toy_zoo_dir: Path, tmp_path: Path, quick_run_spec: Callable[..., RunSpec]
+) -> None:
     results = tmp_path / "results"
     for method in ("random", "average"):
         for shots in (1, 5):
             run_dir = results / "runs" / "ss" / method / f"{shots}shot" / "seed0"
-            execute_run(spec_for(method, toy_zoo_dir, run_dir, shots), progress=False)
+            execute_run(quick_run_spec(method, toy_zoo_dir, run_dir, shots), progress=False)
     summary = collect(results)
     import pandas as pd
 
@@ -106,10 +89,12 @@ def test_collect_and_tables(toy_zoo_dir: Path, tmp_path: Path) -> None:
     assert len(written) == 4 and (results / "tables" / "speed.md").is_file()
 
 
-def test_inapplicable_method_gets_an_em_dash_not_a_number(tmp_path: Path) -> None:
+def test_inapplicable_method_gets_an_em_dash_not_a_number(
+    tmp_path: Path, toy_dataset_name: str, quick_run_spec: Callable[..., RunSpec]
+) -> None:
     mixed = ZooRecipe(
         name="mixed",
-        datasets=[TOY],
+        datasets=[toy_dataset_name],
         image_size=32,
         architectures=["conv4", "resnet10"],
         teachers_per_dataset=2,
@@ -122,7 +107,7 @@ def test_inapplicable_method_gets_an_em_dash_not_a_number(tmp_path: Path) -> Non
     results = tmp_path / "results"
     for method in ("random", "average"):
         run_dir = results / "runs" / "sh" / method / "1shot" / "seed0"
-        spec = spec_for(method, zoo_dir, run_dir).model_copy(
+        spec = quick_run_spec(method, zoo_dir, run_dir).model_copy(
             update={"scenario": "sh", "scenario_label": "SH"}
         )
         execute_run(spec, progress=False)

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,6 @@ from dfml_bench.data import cifar_fs
 from dfml_bench.errors import CheckpointError, DfmlError
 from dfml_bench.models.storage import file_sha256
 from dfml_bench.zoo.manifest import Zoo
-from tests.test_loaders import _write_cifar
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dfml_bench"
 # modules whose load functions unpickle (or unmarshal) whatever they are given
@@ -99,9 +99,9 @@ class _Reduce:
     [(os.system, r"(posix|nt)\.system"), (builtins.exec, r"(__builtin__|builtins)\.exec")],
 )
 def test_hostile_cifar_pickle_is_refused_before_it_runs(
-    tmp_path: Path, function: object, refused: str
+    tmp_path: Path, function: object, refused: str, write_cifar: Callable[[Path], Path]
 ) -> None:
-    folder = _write_cifar(tmp_path / "data")
+    folder = write_cifar(tmp_path / "data")
     marker = tmp_path / "pwned"
     payload = f"touch {marker}" if function is os.system else f"open({str(marker)!r}, 'w')"
     (folder / "train").write_bytes(pickle.dumps(_Reduce(function, payload), protocol=2))

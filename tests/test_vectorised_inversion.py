@@ -1,11 +1,11 @@
 """Zoo-vectorised DeepInversion equals the per-teacher loop: loss terms, image gradients, jitter,
 the strategy choice, and PURER's data step and FREE's generator adaptation under both."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from torch import nn
 
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import (
     DeepInversionWeights,
     TeacherWeighting,
@@ -14,6 +14,7 @@ from dfml_bench.inversion import (
 )
 from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.inversion.vectorised import StackedTeachers, resolve_strategy, roll_each
+from dfml_bench.meta.adaptation import use_batch_statistics
 from dfml_bench.methods import MetaModelSpec, MetaTrainContext, create_method
 from dfml_bench.methods.purer import Adversary, eci_data_step
 from dfml_bench.models import build_model
@@ -25,49 +26,17 @@ RTOL = 1e-4
 pytestmark = pytest.mark.usefixtures("single_thread", "no_tf32")
 
 
-def _teacher(architecture: str, classes: int, image_size: int, seed: int) -> nn.Module:
-    """A random teacher whose running statistics differ from a fresh model's, so the BN term
-    and its gradient are far from trivial."""
-    torch.manual_seed(seed)
-    teacher = build_model(architecture, classes, image_size).eval()
-    for module in teacher.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_(0.0, 0.3)
-            module.running_var.uniform_(0.5, 2.0)
-    return teacher
-
-
-ZOOS = {
-    "conv4": [("conv4", 5, 16), ("conv4", 5, 16), ("conv4", 5, 16)],
-    "resnet10": [("resnet10", 3, 16), ("resnet10", 3, 16)],
-    "resnet18": [("resnet18", 2, 16), ("resnet18", 2, 16)],
-    # two groups of different head sizes, interleaved, and a conv4 that sees resized images
-    "mixed": [("conv4", 5, 16), ("resnet10", 3, 16), ("conv4", 5, 16), ("resnet10", 2, 16)],
-    "mixed-sizes": [("conv4", 4, 32), ("conv4", 4, 16), ("conv4", 4, 32)],
-}
-
-
-def _zoo(name: str) -> tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor]]:
-    """Teachers, their pseudo images (16 px, two per class) and local targets."""
-    specs = ZOOS[name]
-    teachers = [_teacher(*spec, seed=index) for index, spec in enumerate(specs)]
-    generator = torch.Generator().manual_seed(7)
-    images = [torch.randn(2 * classes, 3, 16, 16, generator=generator) for _, classes, _ in specs]
-    targets = [torch.arange(classes).repeat_interleave(2) for _, classes, _ in specs]
-    return teachers, images, targets
-
-
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("zoo", list(ZOOS))
+@pytest.mark.parametrize("zoo", ["conv4", "resnet10", "resnet18", "mixed", "mixed-sizes"])
 @pytest.mark.parametrize("jitter", [0, 2])
 @pytest.mark.parametrize("weighting", ["plain", "cumulative"])
 def test_vectorised_loss_and_image_gradients_equal_the_loop(
-    zoo: str, jitter: int, weighting: TeacherWeighting
+    zoo: str, jitter: int, weighting: TeacherWeighting, random_teacher_zoo: Callable
 ) -> None:
-    teachers, images, targets = _zoo(zoo)
+    teachers, images, targets = random_teacher_zoo(zoo)
     weights = DeepInversionWeights()
     scales = eci_teacher_weights(len(teachers), weighting)
     results = []
@@ -94,17 +63,19 @@ def test_vectorised_loss_and_image_gradients_equal_the_loop(
     assert torch.equal(loop_rng, vectorised_rng)  # the same number of draws, in the same order
 
 
-def test_stacking_groups_by_architecture_and_shapes() -> None:
-    teachers, _, _ = _zoo("mixed")
+def test_stacking_groups_by_architecture_and_shapes(random_teacher_zoo: Callable) -> None:
+    teachers, _, _ = random_teacher_zoo("mixed")
     stacked = StackedTeachers(teachers)
     assert len(stacked) == 4
     assert sorted(group.members for group in stacked.groups) == [[0, 2], [1], [3]]
-    assert len(StackedTeachers(_zoo("mixed-sizes")[0]).groups) == 2  # 32 px and 16 px heads
+    assert (
+        len(StackedTeachers(random_teacher_zoo("mixed-sizes")[0]).groups) == 2
+    )  # 32 px and 16 px heads
 
 
-def test_a_subset_of_teachers_in_any_order_equals_the_loop() -> None:
+def test_a_subset_of_teachers_in_any_order_equals_the_loop(random_teacher_zoo: Callable) -> None:
     """FREE inverts a few sampled teachers per epoch: the stacks are gathered, not rebuilt."""
-    teachers, images, targets = _zoo("mixed")
+    teachers, images, targets = random_teacher_zoo("mixed")
     order = [2, 1, 0]
     stacked = StackedTeachers(teachers)
     loss, _ = stacked.loss(
@@ -129,8 +100,8 @@ def test_roll_each_is_a_per_teacher_roll() -> None:
         assert torch.equal(rolled[index], torch.roll(images[index], (dy, dx), dims=(-2, -1)))
 
 
-def test_bn_weight_zero_and_refusals() -> None:
-    teachers, images, targets = _zoo("conv4")
+def test_bn_weight_zero_and_refusals(random_teacher_zoo: Callable) -> None:
+    teachers, images, targets = random_teacher_zoo("conv4")
     no_stats = [use_batch_statistics(t).eval() for t in teachers]
     weights = DeepInversionWeights(bn=0.0)
     loss, _ = StackedTeachers(no_stats).loss(images, targets, weights, jitter=0)
@@ -174,8 +145,10 @@ def _update_difference(
 
 
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_purer_data_step_is_the_same_with_either_strategy(adversarial: bool) -> None:
-    teachers = [_teacher("conv4", 5, 16, seed) for seed in range(3)]
+def test_purer_data_step_is_the_same_with_either_strategy(
+    adversarial: bool, random_teacher: Callable
+) -> None:
+    teachers = [random_teacher("conv4", 5, 16, seed) for seed in range(3)]
     torch.manual_seed(0)
     meta_model = use_batch_statistics(build_model("conv4", 5, 16))
     pools, losses = [], []
@@ -207,6 +180,7 @@ def _context(zoo: Zoo) -> MetaTrainContext:
 
 
 @pytest.mark.usefixtures("plain_sgd")
+@pytest.mark.slow
 def test_purer_meta_training_is_the_same_with_either_strategy(toy_zoo: Zoo) -> None:
     """The setting reaches the data step: two meta-iterations (the second adversarial) move the
     meta-model the same way."""

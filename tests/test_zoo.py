@@ -8,15 +8,14 @@ from dfml_bench.errors import CheckpointError, ConfigError
 from dfml_bench.zoo.manifest import Zoo
 from dfml_bench.zoo.recipe import ZooRecipe, load_recipe
 from dfml_bench.zoo.train import train_zoo
-from tests.conftest import TOY
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_recipe(**overrides: object) -> ZooRecipe:
+def tiny_recipe(dataset: str, **overrides: object) -> ZooRecipe:
     settings = dict(
         name="tiny",
-        datasets=[TOY],
+        datasets=[dataset],
         image_size=32,
         architectures=["conv4"],
         teachers_per_dataset=3,
@@ -28,8 +27,8 @@ def tiny_recipe(**overrides: object) -> ZooRecipe:
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return train_zoo(tiny_recipe(), tmp_path_factory.mktemp("zoo"), progress=False)
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory, toy_dataset_name: str) -> Zoo:
+    return train_zoo(tiny_recipe(toy_dataset_name), tmp_path_factory.mktemp("zoo"), progress=False)
 
 
 def test_zoo_trains_and_manifest_round_trips(tiny_zoo: Zoo) -> None:
@@ -44,23 +43,25 @@ def test_zoo_trains_and_manifest_round_trips(tiny_zoo: Zoo) -> None:
     assert teacher(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
 
 
-def test_finished_teachers_are_skipped(tiny_zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finished_teachers_are_skipped(
+    tiny_zoo: Zoo, monkeypatch: pytest.MonkeyPatch, toy_dataset_name: str
+) -> None:
     from dfml_bench.zoo import train
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished teacher was trained again")
 
     monkeypatch.setattr(train, "_train_teacher", fail)
-    again = train_zoo(tiny_recipe(), tiny_zoo.directory, progress=False)
+    again = train_zoo(tiny_recipe(toy_dataset_name), tiny_zoo.directory, progress=False)
     assert [t.sha256 for t in again.teachers] == [t.sha256 for t in tiny_zoo.teachers]
 
 
-def test_random_policy_draws_overlapping_subsets(tmp_path: Path) -> None:
+def test_random_policy_draws_overlapping_subsets(tmp_path: Path, toy_dataset_name: str) -> None:
     from dfml_bench.data import load_dataset
     from dfml_bench.zoo.train import plan_teachers
 
-    recipe = tiny_recipe(class_policy="random", teachers_per_dataset=10)
-    plans = plan_teachers(recipe, {TOY: load_dataset(TOY, 32)})
+    recipe = tiny_recipe(toy_dataset_name, class_policy="random", teachers_per_dataset=10)
+    plans = plan_teachers(recipe, {toy_dataset_name: load_dataset(toy_dataset_name, 32)})
     assert len(plans) == 10 and all(len(p.dataset_class_indices) == 4 for p in plans)
     assert len({p.dataset_class_indices for p in plans}) > 1
 
@@ -127,13 +128,18 @@ def _same_weights(saved: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
 
 @pytest.mark.parametrize(("keep", "kept_epoch", "other_epoch"), [("best", 1, 3), ("last", 3, 1)])
 def test_keep_epoch_picks_the_saved_weights(
-    keep: str, kept_epoch: int, other_epoch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    keep: str,
+    kept_epoch: int,
+    other_epoch: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    toy_dataset_name: str,
 ) -> None:
     from dfml_bench.models.storage import load_state
 
     accuracies = [80.0, 60.0, 40.0]  # the best epoch (1) is earlier than the last (3)
     states = _scripted_accuracy(monkeypatch, accuracies)
-    recipe = tiny_recipe(keep_epoch=keep, teachers_per_dataset=1)
+    recipe = tiny_recipe(toy_dataset_name, keep_epoch=keep, teachers_per_dataset=1)
     zoo = train_zoo(recipe, tmp_path, progress=False)
     (record,) = zoo.teachers
     assert len(states) == recipe.epochs == 3
@@ -146,32 +152,32 @@ def test_keep_epoch_picks_the_saved_weights(
 
 
 def test_keep_last_resumes_after_the_final_epoch_was_saved(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toy_dataset_name: str
 ) -> None:
     """Killed after the last epoch's state was saved but before the teacher file was written:
     the resumed run trains nothing more and must still know the last epoch's accuracy."""
-    from dfml_bench.resume import Checkpointer
+    from dfml_bench.resume import StateStore
 
-    recipe = tiny_recipe(keep_epoch="last", teachers_per_dataset=1)
+    recipe = tiny_recipe(toy_dataset_name, keep_epoch="last", teachers_per_dataset=1)
     reference = train_zoo(recipe, tmp_path / "reference", progress=False)
 
     class Killed(Exception):
         pass
 
-    original = Checkpointer.save
+    original = StateStore.save
 
-    def save(self: Checkpointer, iteration: int, state: dict) -> Path:
+    def save(self: StateStore, iteration: int, state: dict) -> Path:
         path = original(self, iteration, state)
         if iteration == recipe.epochs:
             raise Killed
         return path
 
     with monkeypatch.context() as patch:
-        patch.setattr(Checkpointer, "save", save)
+        patch.setattr(StateStore, "save", save)
         with pytest.raises(Killed):
-            train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+            train_zoo(recipe, tmp_path / "zoo", progress=False, state_interval_s=0)
     assert not (tmp_path / "zoo" / "teacher-000.safetensors").exists()
-    resumed = train_zoo(recipe, tmp_path / "zoo", progress=False, checkpoint_interval_s=0)
+    resumed = train_zoo(recipe, tmp_path / "zoo", progress=False, state_interval_s=0)
     keys = ("sha256", "heldout_accuracy", "best_epoch", "kept_epoch")
     assert [[getattr(t, k) for k in keys] for t in resumed.teachers] == [
         [getattr(t, k) for k in keys] for t in reference.teachers

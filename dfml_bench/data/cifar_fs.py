@@ -1,54 +1,44 @@
 """CIFAR-FS (Bertinetto et al., 2019): CIFAR-100 split by class 64/16/20.
 
-Reads the official `cifar-100-python` pickles without trusting them: the unpickler resolves
-only the few numpy globals an array needs, so a tampered file cannot run code. Each class
-pools its train and test images (600 per class), as few-shot splits are by class.
+Two layouts are accepted (`detect_layout`): the official `cifar-100-python` pickles, read
+without trusting them (see `safe_pickle`), each class pooling its train and test images (600
+per class, as few-shot splits are by class); and the CIFAR-FS release `cifar100/`, PNG folders
+`data/<class>/` with its own split files `splits/bertinetto/{train,val,test}.txt`, which must
+agree with the committed split so results stay comparable.
 """
 
 from __future__ import annotations
 
-import codecs
-import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dfml_bench.data.base import SPLITS, ClassSplit, FewShotDataset
-from dfml_bench.data.cache import cached_splits
-from dfml_bench.data.images import DataSource, cache_key, split_from_arrays, split_list
+from dfml_bench.data.images import DataSource, list_images, split_from_arrays, split_list
+from dfml_bench.data.layouts import ALL, FileLayout, Layout, Match, Survey, match_standard
 from dfml_bench.data.registry import register_dataset
+from dfml_bench.data.safe_pickle import read_dict, text
+from dfml_bench.errors import DatasetError
 
 NAME = "cifar-fs"
 SOURCE = DataSource(
     dataset=NAME,
     folder="cifar-100-python",
-    layout="the official CIFAR-100 python pickles train, test and meta",
+    layout="the official CIFAR-100 python pickles train, test and meta (or cifar100/ holding "
+    "the CIFAR-FS release: data/<class>/*.png and splits/bertinetto/{train,val,test}.txt)",
     origin="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it)",
+)
+RELEASE = DataSource(
+    dataset=NAME,
+    folder="cifar100",
+    layout="data/<class>/*.png and splits/bertinetto/{train,val,test}.txt, one class a line "
+    "(the CIFAR-FS release)",
+    origin="the CIFAR-FS release of Bertinetto et al. (https://github.com/bertinetto/r2d2)",
 )
 CIFAR_FS_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR_FS_STD = (0.2675, 0.2565, 0.2761)
 FILES = ("train", "test", "meta")
-
-# numpy's array reconstructor, whatever module path (numpy.core / numpy._core) a pickle names.
-_RECONSTRUCT = np.empty(0).__reduce__()[0]
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes in protocol 2
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refused to load global {module}.{name}") from None
 
 
 @register_dataset(
@@ -58,39 +48,117 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 )
 def load_cifar_fs(data_root: Path | None, image_size: int, cache_dir: Path) -> FewShotDataset:
     """Build (first run) or read from the cache the CIFAR-FS splits at `image_size` px."""
-    root = SOURCE.locate(data_root)
-    paths = [root / name for name in FILES]
-    for path in paths:
-        if not path.is_file():
-            raise SOURCE.error(path, "file not found")
-    splits = cached_splits(
-        cache_dir, cache_key(NAME, image_size, root, paths), lambda: _build(root, image_size)
-    )
-    return FewShotDataset(
-        name=NAME,
-        image_size=image_size,
-        splits=splits,
-        mean=CIFAR_FS_MEAN,
-        std=CIFAR_FS_STD,
-        notes={"split": "dfml_bench/data/splits/cifar-fs (Bertinetto et al., 2019)"},
+    return detect_layout(data_root).dataset(
+        image_size,
+        cache_dir,
+        (CIFAR_FS_MEAN, CIFAR_FS_STD),
+        "dfml_bench/data/splits/cifar-fs (Bertinetto et al., 2019)",
     )
 
 
-def _build(root: Path, image_size: int) -> dict[str, ClassSplit]:
-    meta = _read_pickle(root / "meta")
-    names = _field(meta, root / "meta", "fine_label_names", list)
-    images, labels = zip(*(_read_batch(root / name) for name in ("train", "test")), strict=True)
-    pooled, fine = np.concatenate(images), np.concatenate(labels)
-    splits = {}
+def standard_classes() -> dict[str, list[str]]:
+    """The committed split's class names per split (its lines are `superclass,class`)."""
+    return {
+        split: [line.rsplit(",", 1)[-1] for line in split_list(NAME, split)] for split in SPLITS
+    }
+
+
+def detect_layout(data_root: Path | None) -> Layout:
+    """The one place that decides the layout: the pickles if present, else the release."""
+    if data_root is not None:
+        pickles, release = Path(data_root) / SOURCE.folder, Path(data_root) / RELEASE.folder
+        if not pickles.is_dir() and release.is_dir():
+            return _release_layout(release)
+    return PickleLayout(SOURCE.locate(data_root))
+
+
+def _release_layout(root: Path) -> FileLayout:
+    """`cifar100/data/<class>/*.png`, split by `splits/bertinetto/<split>.txt`."""
+    problems: list[DatasetError] = []
+    found: dict[str, dict[str, list[Path]]] = {}
+    split_files = []
     for split in SPLITS:
-        classes = {}
-        for line in split_list(NAME, split):
-            name = line.rsplit(",", 1)[-1]  # lines are "superclass,class"
-            if name not in names:
-                raise SOURCE.error(root / "meta", f"fine_label_names lacks CIFAR-FS class {name!r}")
-            classes[name] = pooled[fine == names.index(name)]
-        splits[split] = split_from_arrays(NAME, classes, image_size)
-    return splits
+        path = root / "splits" / "bertinetto" / f"{split}.txt"
+        found[split] = {}
+        if not path.is_file():
+            problems.append(
+                RELEASE.error(path, "split file not found (this layout needs all three)")
+            )
+            continue
+        split_files.append(path)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            name = line.strip().rsplit(",", 1)[-1]  # tolerate `superclass,class` lines
+            if name:
+                folder = root / "data" / name
+                found[split][name] = list_images(folder) if folder.is_dir() else []
+    match = match_standard(
+        RELEASE,
+        standard_classes(),
+        found,
+        lambda split, _: root / "splits" / "bertinetto" / f"{split}.txt",
+        missing_text="standard {split} class {cls} is not listed in this split file",
+        empty_text="class folder missing or without images",
+        empty_place=lambda _, name: root / "data" / name,
+    )
+    name = "CIFAR-FS release data/<class>/*.png with splits/bertinetto/{train,val,test}.txt"
+    return FileLayout(RELEASE, name, root, match, problems=problems, label_files=split_files)
+
+
+class PickleLayout(Layout):
+    """The official pickles: every class pools its 500 train and 100 test images."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(SOURCE, "official cifar-100-python pickles train, test, meta", root)
+        self.paths = [root / name for name in FILES]
+
+    def check(self) -> None:
+        for path in self.paths:
+            if not path.is_file():
+                raise SOURCE.error(path, "file not found")
+
+    def fingerprint(self) -> list[Path]:
+        return self.paths
+
+    def survey(self) -> Survey:
+        try:
+            self.check()
+            _, match = self._read()
+        except DatasetError as error:
+            return Survey(self.name, {split: {} for split in SPLITS}, problems=[error])
+        counts = {
+            split: {name: len(rows) for name, rows in classes.items()}
+            for split, classes in match.splits.items()
+        }
+        return Survey(self.name, counts, match.missing, match.extra, problems=match.problems)
+
+    def build(self, image_size: int) -> dict[str, ClassSplit]:
+        self.check()
+        pooled, match = self._read()
+        if match.problems:
+            raise match.problems[0]
+        return {
+            split: split_from_arrays(
+                NAME, {name: pooled[rows] for name, rows in classes.items()}, image_size
+            )
+            for split, classes in match.splits.items()
+        }
+
+    def _read(self) -> tuple[np.ndarray, Match[np.ndarray]]:
+        """All images as uint8 [n, 32, 32, 3] and the rows of each standard class."""
+        root = self.root
+        names = _field(_read_pickle(root / "meta"), root / "meta", "fine_label_names", list)
+        images, labels = zip(*(_read_batch(root / name) for name in ("train", "test")), strict=True)
+        pooled, fine = np.concatenate(images), np.concatenate(labels)
+        rows = {name: np.flatnonzero(fine == index) for index, name in enumerate(names)}
+        match = match_standard(
+            SOURCE,
+            standard_classes(),
+            {ALL: rows},
+            lambda *_: root / "meta",
+            missing_text="fine_label_names lacks CIFAR-FS class {cls!r}",
+            empty_text="no train or test image has the fine label of {cls!r}",
+        )
+        return pooled, match
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -104,15 +172,8 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_pickle(path: Path) -> dict[str, Any]:
-    """An official pickle as a dict with str keys (Python 2 wrote them as byte strings)."""
-    try:
-        with open(path, "rb") as handle:
-            content = _ArrayOnlyUnpickler(handle, encoding="latin1").load()
-    except Exception as error:  # a corrupt or hostile pickle can raise almost anything
-        raise SOURCE.error(path, f"cannot read the pickle safely ({error})") from error
-    if not isinstance(content, dict):
-        raise SOURCE.error(path, f"pickle holds a {type(content).__name__}, not a dict")
-    return {_text(key): value for key, value in content.items()}
+    """An official pickle as a dict with str keys, through the restricted unpickler."""
+    return read_dict(SOURCE, path)
 
 
 def _field(content: dict[str, Any], path: Path, key: str, kind: type) -> Any:
@@ -120,8 +181,4 @@ def _field(content: dict[str, Any], path: Path, key: str, kind: type) -> Any:
     value = content.get(key)
     if not isinstance(value, kind):
         raise SOURCE.error(path, f"no {kind.__name__} `{key}` in the pickle")
-    return [_text(item) for item in value] if kind is list else value
-
-
-def _text(value: Any) -> Any:
-    return value.decode("latin1") if isinstance(value, bytes) else value
+    return [text(item) for item in value] if kind is list else value

@@ -65,6 +65,11 @@ class DataSource:
             f"{self._how_to_get}"
         )
 
+    def disagreement(self, path: Path, problem: str) -> DatasetError:
+        """A dataset present but in disagreement (e.g. with the standard split): `problem` says
+        the fix, so no layout or download hint follows."""
+        return DatasetError(f"{self.dataset}: {' '.join(problem.split())}: {path}")
+
     @property
     def _how_to_get(self) -> str:
         return f"download it from {self.origin} yourself (dfml-bench never downloads)"
@@ -90,10 +95,16 @@ def image_files(source: DataSource, folder: Path) -> list[Path]:
     """Image files of one class folder, sorted by name so labels and cache keys are stable."""
     if not folder.is_dir():
         raise source.error(folder, "class folder not found")
+    files = list_images(folder)
+    if not files:
+        raise source.error(folder, "no image files in class folder")
+    return files
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; empty (not an error) if there are none."""
     # Sort names as strings and build Paths last: pathlib is slow over 50,000 files.
     names = sorted(e.name for e in os.scandir(folder) if is_image_name(e.name) and e.is_file())
-    if not names:
-        raise source.error(folder, "no image files in class folder")
     return [folder / name for name in names]
 
 
@@ -148,6 +159,12 @@ def decode_splits(
             stacklevel=2,
         )
     return out
+
+
+def undecodable(paths: Sequence[Path]) -> list[Path]:
+    """The files `decode_splits` would skip, found by decoding each at a tiny size (no cache)."""
+    _, decoded = _decode_all(paths, 8)
+    return [path for path, ok in zip(paths, decoded, strict=True) if not ok]
 
 
 def _decode_all(paths: Sequence[Path], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.data.sampler import EpisodeSampler
 from dfml_bench.device import synchronize
-from dfml_bench.evaluation.adaptation import (
+from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
+from dfml_bench.evaluation.stats import mean_ci95
+from dfml_bench.meta.adaptation import (
     Params,
     TaskBatching,
     batched_logits,
@@ -32,8 +34,6 @@ from dfml_bench.evaluation.adaptation import (
     finetune_batched,
     parameters_of,
 )
-from dfml_bench.evaluation.icfil import IcfilSettings, icfil_calibrate
-from dfml_bench.evaluation.stats import mean_ci95
 
 VAL_SEED_OFFSET = 10_007  # meta-val episodes never coincide with meta-test episodes
 ICFIL_SEED_OFFSET = 0x1CF1  # ICFIL's pseudo-image generator: a stream apart from the sampler's

@@ -60,13 +60,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
 
-from dfml_bench.evaluation.adaptation import Params
 from dfml_bench.inversion.deepinversion import (
     channel_statistics,
     l2_prior,
     random_jitter,
     total_variation,
 )
+from dfml_bench.meta.adaptation import Params
 
 HEAD_PREFIX = "head."
 

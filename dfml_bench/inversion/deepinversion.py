@@ -5,8 +5,8 @@ The loss on pseudo images x for a frozen teacher T and target classes y is
     ce * CE(T(jitter(x)), y) + bn * sum_l BN_l + tv * TV(jitter(x)) + l2 * ||jitter(x)||_2
 
 where BN_l matches the batch statistics of the input of T's l-th BatchNorm layer to that layer's
-running statistics. The forms follow the authors' code (see each function), so the default weights
-of DESIGN.md mean what they meant there.
+running statistics. The forms follow the authors' code (see each function), so PURER's default
+weights mean what they mean there.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def draw_shift(max_shift: int, generator: torch.Generator | None = None) -> torc
 
 @dataclass
 class DeepInversionWeights:
-    """Term weights; the defaults are PURER's (DESIGN.md, ECI)."""
+    """Term weights; the defaults are PURER's (its ECI scripts)."""
 
     ce: float = 1.0
     bn: float = 0.01

@@ -7,10 +7,10 @@ into meta-model initialisations. Registration is by name, so configs and tables 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,8 +20,12 @@ from dfml_bench.data.base import FewShotDataset
 from dfml_bench.errors import DfmlError
 from dfml_bench.inversion.pixels import Normalisation
 from dfml_bench.models.init import ModelInit
-from dfml_bench.resume import Checkpointer
+from dfml_bench.records import MethodTimings, RunRecord
+from dfml_bench.resume import StateStore
 from dfml_bench.zoo.manifest import Zoo
+
+if TYPE_CHECKING:
+    from dfml_bench.cost import RunShape, WorkRates
 
 
 class MetaModelSpec(BaseModel):
@@ -51,7 +55,7 @@ class MetaTrainContext:
     artifacts_dir: Path | None = None  # where a method may leave figures (e.g. pseudo-task grids)
     training_data: list[FewShotDataset] | None = None  # real data: only for data_free = False
     # long loops save their state here at intervals and continue from it after a restart
-    resume: Checkpointer = field(default_factory=Checkpointer.disabled)
+    resume: StateStore = field(default_factory=StateStore.disabled)
     # pixel statistics of each zoo dataset (what its teachers expect), by dataset name: not data,
     # so data-free methods that generate pixels may use them
     normalisations: dict[str, Normalisation] = field(default_factory=dict)
@@ -86,26 +90,30 @@ class TestAdaptation:
 PURER_TEST_ADAPTATION = TestAdaptation(1, 0.01, "PURER scripts: 1 step, lr 0.01")
 
 
-@dataclass
-class MethodTimings:
-    """Seconds a method spent recovering data (inversion) vs. all of its meta-training."""
-
-    recovery_seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
 class Method(ABC):
-    """Base class of every DFML method; subclasses declare `name` and settings."""
+    """Base class of every DFML method. A subclass declares what the rest of the suite reads:
+    its `name` (configs, folders), `display_name` and `table_order` (tables and figures),
+    `ablation_of` (an ablation sorts right after its method), its `Settings`, and its cost model
+    (`meta_training_seconds`, for `dfml-bench estimate`)."""
 
     name: ClassVar[str]
+    display_name: ClassVar[str]
+    table_order: ClassVar[int]  # the papers' row order; an ablation takes its method's
+    ablation_of: ClassVar[str | None] = None
     Settings: ClassVar[type[BaseModel]]
     same_architecture_only: ClassVar[bool] = False
     uses_icfil: ClassVar[bool] = False  # the harness applies ICFIL at meta-test for this method
     data_free: ClassVar[bool] = True
     test_adaptation: ClassVar[TestAdaptation] = PURER_TEST_ADAPTATION
+    # what `meta_training_seconds` counts, printed with every estimate
+    cost_assumption: ClassVar[str | None] = None
+    # the smallest settings that still exercise every mechanism (several checkpoints, the
+    # curriculum, replay): the contract tests run every registered method with them
+    smoke_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, settings: BaseModel) -> None:
         self.settings = settings
+        self.recovery_seconds = 0.0  # time spent recovering data (inversion, generators)
         self.timings = MethodTimings()
 
     def inapplicable_reason(self, context: MetaTrainContext) -> str | None:
@@ -136,15 +144,15 @@ class Method(ABC):
             raise DfmlError(reason)
 
     @classmethod
-    def inactive_mechanisms(cls, record: Mapping[str, Any]) -> list[str]:
+    def inactive_mechanisms(cls, record: RunRecord) -> list[str]:
         """What the run's name promises but its record shows did not act on the scored model
         (tables flag such cells instead of reading them as evidence). Here: ICFIL."""
-        if not record.get("icfil"):
+        if not record.icfil:
             return []
-        icfil = record.get("spec", {}).get("evaluation", {}).get("icfil", {})
+        icfil = record.spec.get("evaluation", {}).get("icfil", {})
         if icfil.get("calibration_steps") == 0 or icfil.get("inversion_steps") == 0:
             return ["ICFIL took no calibration step"]
-        if record.get("acc_mean_without_icfil") == record.get("acc_mean"):
+        if record.acc_mean_without_icfil == record.acc_mean:
             return ["ICFIL changed no test accuracy"]
         return []
 
@@ -152,31 +160,64 @@ class Method(ABC):
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         """Yield checkpoints (periodically, for the paper protocol); the last one is final."""
 
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        """Estimated meta-training seconds of one run, from benchmarked rates of work.
 
-def checkpoint_iterations(total: int, interval: int | None) -> set[int]:
-    """Iterations (or epochs) to evaluate at: every `interval` and always the last one."""
-    if interval is None or interval >= total:
-        return {total}
-    return {*range(interval, total + 1, interval), total}
+        Every method must say: an estimate that silently counted 0 s would mislead."""
+        raise DfmlError(
+            f"method {cls.name!r} declares no cost model; define meta_training_seconds on its "
+            "class (return 0.0 when it does no meta-training)"
+        )
+
+
+class NoMetaTraining(Method):
+    """A method that builds its meta-model straight from the zoo or an init, with no training
+    loop: its cost model is 0 s of meta-training (evaluation is still counted)."""
+
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        return 0.0
 
 
 _METHODS: dict[str, type[Method]] = {}
+_DECLARED = ("display_name", "table_order", "Settings")
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make the method known by `cls.name` to configs, runner and tables."""
     if cls.name in _METHODS:
         raise ValueError(f"method {cls.name!r} registered twice")
+    missing = [attribute for attribute in _DECLARED if not hasattr(cls, attribute)]
+    if missing:
+        raise TypeError(f"method {cls.name!r} must declare {', '.join(missing)}")
+    if cls.ablation_of is not None and cls.ablation_of not in _METHODS:
+        raise TypeError(
+            f"method {cls.name!r} is an ablation of {cls.ablation_of!r}, which is not "
+            "registered (register the method before its ablations)"
+        )
     _METHODS[cls.name] = cls
     return cls
 
 
 def method_names() -> list[str]:
-    _import_builtin_methods()
     return sorted(_METHODS)
 
 
+def registered_methods() -> list[type[Method]]:
+    """Every registered method in table order, each ablation right after its method."""
+    return sorted(_METHODS.values(), key=lambda cls: method_rank(cls.name))
+
+
+def method_rank(name: str) -> tuple[int, int, str]:
+    """Row order of a registered method, or of a config variant named `<method>-<suffix>`."""
+    cls = _METHODS.get(name) or _METHODS.get(name.split("-")[0])
+    if cls is None:
+        return (len(_METHODS), 1, name)
+    return (cls.table_order, int(name != cls.name or cls.ablation_of is not None), name)
+
+
 def method_class(name: str) -> type[Method]:
-    _import_builtin_methods()
     if name not in _METHODS:
         raise DfmlError(
             f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}"
@@ -195,15 +236,3 @@ def create_method(name: str, settings: dict[str, Any] | None = None) -> Method:
             "(iterations or epochs between evaluations; null: the final model only)"
         )
     return cls(validate_model(cls.Settings, settings, f"settings of method {name!r}"))
-
-
-def _import_builtin_methods() -> None:
-    from dfml_bench.methods import (  # noqa: F401
-        average,
-        dro,
-        free,
-        oracle,
-        ota,
-        purer,
-        random_init,
-    )

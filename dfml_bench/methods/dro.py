@@ -30,29 +30,22 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
+from dfml_bench.cost import RunShape, WorkRates
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.inversion import DeepInversionWeights, deep_inversion_loss
-from dfml_bench.methods.average import FusionHeadSettings, average_of_zoo, set_head
-from dfml_bench.methods.base import (
-    Checkpoint,
-    MetaTrainContext,
-    Method,
-    checkpoint_iterations,
-    register_method,
-)
-from dfml_bench.methods.purer import load_teachers
-from dfml_bench.resume import load_snapshot, snapshot
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.meta.loop import TrainingLoop
+from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.zoo.fusion import FusionHeadSettings, average_of_zoo, set_head
 
 
 class DroSettings(FusionHeadSettings):
@@ -149,15 +142,34 @@ def robust_embedding(
 @register_method
 class Dro(Method):
     name = "dro"
+    display_name = "DRO-style"
+    table_order = 3
     Settings = DroSettings
     same_architecture_only = True
+    smoke_settings: ClassVar[dict[str, Any]] = {
+        "iterations": 6,
+        "eval_interval": 2,
+        "inversion_steps": 3,
+    }
+    cost_assumption = (
+        "DRO: inversion (images x steps, at the ECI data step's cost per image-step) + "
+        "iterations x teachers_per_step x (ascent_steps + 1) distillation passes"
+    )
+
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        s: DroSettings = settings  # type: ignore[assignment]
+        inversion = s.inversion_steps * s.images_per_class * run.teacher_load
+        passes = s.teachers_per_step * (s.ascent_steps + 1)
+        fusion = passes * run.ways * s.images_per_class * rates.maml_image * run.meta_flops
+        return rates.eci_image * inversion + s.iterations * fusion
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         self.check_zoo(context)
         settings: DroSettings = self.settings  # type: ignore[assignment]
         torch.manual_seed(context.seed)
         generator = torch.Generator().manual_seed(context.seed)
-        teachers = load_teachers(context)
+        teachers = context.zoo.frozen_teachers(context.device)
         spec = context.meta_model
         model = use_batch_statistics(average_of_zoo(context.zoo, spec, context.ways))
         model = model.to(context.device)
@@ -166,43 +178,33 @@ class Dro(Method):
             started = time.perf_counter()
             data = [self._invert(t, spec.image_size, settings, generator) for t in teachers]
             synchronize(context.device)
-            self.timings.recovery_seconds = time.perf_counter() - started
+            self.recovery_seconds = time.perf_counter() - started
         fusion = FusionNetwork(
             model, len(teachers), settings.embedding_dim, settings.update == "relative"
         ).to(context.device)
         trainable = [parameter for parameter in fusion.parameters() if parameter.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=settings.lr)
         self.history: list[dict[str, float]] = []
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
 
-        stateful = {"fusion": fusion, "optimizer": optimizer, "generator": generator}
-
-        def state() -> dict[str, object]:
-            return snapshot(stateful) | {
-                "data": [list(pair) for pair in data],
-                "history": self.history,
-            }
-
-        done = 0
-        restored = context.resume.restore_method()
-        if restored is not None:
-            done, saved = restored
-            load_snapshot(stateful, saved)
+        def restore_extra(saved: dict[str, Any]) -> None:
+            nonlocal data
             data = [
                 (images.to(context.device), probs.to(context.device))
                 for images, probs in saved["data"]
             ]
             self.history = saved["history"]
 
-        progress = tqdm(
-            range(done + 1, settings.iterations + 1),
-            initial=done,
-            total=settings.iterations,
-            desc=f"dro {context.shots}-shot",
-            disable=not context.progress,
-            leave=False,
+        loop = TrainingLoop(
+            context.resume,
+            settings.iterations,
+            settings.eval_interval,
+            f"{self.name} {context.shots}-shot",
+            {"fusion": fusion, "optimizer": optimizer, "generator": generator},
+            lambda: {"data": [list(pair) for pair in data], "history": self.history},
+            restore_extra,
+            context.progress,
         )
-        for iteration in progress:
+        for iteration in loop:
             count = min(settings.teachers_per_step, len(teachers))
             sampled = torch.randperm(len(teachers), generator=generator)[:count].tolist()
             objective, robust, nominal = 0.0, 0.0, 0.0
@@ -234,17 +236,16 @@ class Dro(Method):
                 )
             optimizer.step()
             self.history.append({"objective": objective, "nominal": nominal, "robust": robust})
-            progress.set_postfix(objective=f"{objective:.3f}", robust=f"{robust:.3f}")
-            if iteration in evaluate_at:
+            loop.show(objective=f"{objective:.3f}", robust=f"{robust:.3f}")
+            if loop.evaluates(iteration):
                 fused = copy.deepcopy(model)
                 with torch.no_grad():
                     for name, value in fusion.centre().items():
                         fused.get_parameter(name).copy_(value)
                 torch.manual_seed(context.seed)  # `reinit`: the same fresh head every time
                 set_head(fused, settings.head, spec, context.ways)
-                self.timings.extra["final_objective"] = objective
+                self.timings.final_objective = objective
                 yield Checkpoint(iteration=iteration, model=fused)
-            context.resume.step(iteration, state, force=iteration in evaluate_at)
 
     def _invert(
         self,

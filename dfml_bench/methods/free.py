@@ -28,19 +28,18 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
+from dfml_bench.cost import RunShape, WorkRates
 from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.recovery_speed import (
     TimeToQuality,
     TimeToQualitySettings,
@@ -57,19 +56,18 @@ from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.memory import ImageMemory
 from dfml_bench.inversion.pixels import CropFlip, Normalisation
 from dfml_bench.inversion.pool import save_image_rows, save_task_grid
+from dfml_bench.meta.adaptation import Params, finetune, use_batch_statistics
+from dfml_bench.meta.loop import TrainingLoop, descend
+from dfml_bench.meta.maml import Reduction, meta_batch_loss
 from dfml_bench.methods.base import (
     Checkpoint,
     MetaTrainContext,
     Method,
     TestAdaptation,
-    checkpoint_iterations,
     register_method,
 )
-from dfml_bench.methods.maml import Params, Reduction, inner_adapt, maml_outer_loss
-from dfml_bench.methods.purer import load_teachers
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
-from dfml_bench.resume import load_snapshot, snapshot
 
 Divergence = Literal["probabilities", "kl"]
 AdversarialStudent = Literal["last-replay-task", "meta-model"]
@@ -384,18 +382,54 @@ def distil_and_align(
 @register_method
 class Free(Method):
     name = "free"
+    display_name = "FREE"
+    table_order = 5
     # the authors' main.py: --test_inner_update_num 10, --inner_lr 0.01
     test_adaptation = TestAdaptation(10, 0.01, "FREE main.py: 10 steps, lr 0.01")
     Settings = FreeSettings
     align: ClassVar[bool] = True
     meta_generator: ClassVar[bool] = True
+    smoke_settings: ClassVar[dict[str, Any]] = {
+        "epochs": 6,
+        "eval_interval": 2,
+        "warmup_epochs": 1,
+        "per_class": 6,
+        "queries": 3,
+        "generator_width": 8,
+        "latent_dim": 16,
+        "teachers_per_epoch": 2,
+        "generator_steps": 2,
+        "max_replay_batches": 3,
+        "replay_patience": 2,
+        "inner_steps": 1,
+        "meta_batch": 2,
+        "time_to_quality_probes": 1,
+        "time_to_quality_max_steps": 3,
+    }
+    cost_assumption = (
+        "FREE: warm-up epochs x synthesis + other epochs x epoch without replay, both scaled to "
+        "teachers per epoch x generator steps x images; replay = replay_patience meta-batches "
+        "per epoch (the least it can do; max_replay_batches is the cap), at the benchmark's "
+        "second-order cost per image"
+    )
+
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        s: FreeSettings = settings  # type: ignore[assignment]
+        per_epoch = s.teachers_per_epoch * s.generator_steps * s.per_class
+        per_epoch *= run.teacher_load / run.teachers
+        replay = rates.replay_image * s.meta_batch * run.meta_flops * s.replay_patience
+        replay *= run.task(s.queries, s.inner_steps)
+        warmup = min(s.warmup_epochs, s.epochs)
+        train = warmup * rates.generator_image * per_epoch
+        return train + (s.epochs - warmup) * (rates.free_epoch_image * per_epoch + replay)
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         settings: FreeSettings = self.settings  # type: ignore[assignment]
         device = context.device
         torch.manual_seed(context.seed)
         generator = torch.Generator().manual_seed(context.seed)
-        teachers = load_teachers(context)
+        teachers = context.zoo.frozen_teachers(context.device)
         records = context.zoo.teachers
         datasets = context.zoo.datasets
         normalisations = [context.normalisation(name) for name in datasets]
@@ -410,7 +444,6 @@ class Free(Method):
         meta_gen_optimizer = self._meta_generator_optimizer(meta_gen)
         memory = ImageMemory(settings.memory_batches_per_class, normalisations)
         self.memory, self.meta_generator_model = memory, meta_gen  # inspected by tests
-        evaluate_at = checkpoint_iterations(settings.epochs, settings.eval_interval)
         images_recovered, replay_batches, adversarial_epochs = 0, 0, 0
         fast_student: Params | None = None  # adapted weights of the last replay task
 
@@ -422,32 +455,31 @@ class Free(Method):
             "generator": generator,
         }
 
-        def state() -> dict[str, object]:
-            return snapshot(stateful) | {
+        def extra_state() -> dict[str, object]:
+            return {
                 "memory": memory.state_dict(),
                 "counts": [images_recovered, replay_batches, adversarial_epochs],
                 "fast_student": fast_student,
             }
 
-        done = 0
-        restored = context.resume.restore_method()
-        if restored is not None:
-            done, saved = restored
-            load_snapshot(stateful, saved)
+        def restore_extra(saved: dict[str, Any]) -> None:
+            nonlocal images_recovered, replay_batches, adversarial_epochs, fast_student
             memory.load_state_dict(saved["memory"], device)
             images_recovered, replay_batches, adversarial_epochs = saved["counts"]
             fast_student = saved["fast_student"]
 
-        progress = tqdm(
-            range(done + 1, settings.epochs + 1),
-            initial=done,
-            total=settings.epochs,
-            desc=f"{self.name} {context.shots}-shot",
-            disable=not context.progress,
-            leave=False,
+        loop = TrainingLoop(
+            context.resume,
+            settings.epochs,
+            settings.eval_interval,
+            f"{self.name} {context.shots}-shot",
+            stateful,  # the optimiser entry is replaced when it is fresh per epoch
+            extra_state,
+            restore_extra,
+            context.progress,
         )
         recoveries: list[tuple[RecoveryTarget, Recovery]] = []
-        for epoch in progress:
+        for epoch in loop:
             warm_up = epoch <= settings.warmup_epochs
             started = time.perf_counter()
             targets = [
@@ -501,7 +533,7 @@ class Free(Method):
                     memory.add(recovery.pixels, labels, target.dataset, target.index)
                 images_recovered += sum(r.pixels.shape[0] for _, r in recoveries)
             synchronize(device)
-            self.timings.recovery_seconds += time.perf_counter() - started
+            self.recovery_seconds += time.perf_counter() - started
 
             if not warm_up:
                 self._distil(model, meta_optimizer, recoveries, settings, generator)
@@ -514,17 +546,16 @@ class Free(Method):
                     model, meta_optimizer, memory, context, generator, epoch
                 )
                 replay_batches += batches
-            progress.set_postfix(memory=len(memory))
+            loop.show(memory=str(len(memory)))
 
-            if epoch in evaluate_at:
+            if loop.evaluates(epoch):
                 if epoch == settings.epochs:
                     self._finish(context, recoveries, images_recovered, replay_batches)
-                    self.timings.extra["adversarial_epochs"] = float(adversarial_epochs)
-                    self.timings.extra.update(
-                        self._time_to_quality(context, teachers, normalisations, meta_gen)
+                    self.timings.adversarial_epochs = adversarial_epochs
+                    self.timings.set(
+                        **self._time_to_quality(context, teachers, normalisations, meta_gen)
                     )
                 yield Checkpoint(iteration=epoch, model=copy.deepcopy(model))
-            context.resume.step(epoch, state, force=epoch in evaluate_at)
 
     def _time_to_quality(
         self,
@@ -655,39 +686,27 @@ class Free(Method):
                 memory.sample_task(context.ways, context.shots, settings.queries, generator)
                 for _ in range(settings.meta_batch)
             ]
-            loss, accuracy = maml_outer_loss(
-                model,
-                dict(model.named_parameters()),
-                tasks,
-                settings.inner_steps,
-                settings.inner_lr,
-                settings.second_order,
-                reduction=settings.replay_reduction,
-            )
-            if not torch.isfinite(loss):
-                raise DfmlError(
-                    f"{self.name}: non-finite meta-loss in replay at epoch {epoch}, meta-batch "
-                    f"{batches + 1}; lower outer_lr"
-                )
+            loss, accuracy = meta_batch_loss(model, tasks, settings, settings.replay_reduction)
             last_task = tasks[-1]
             before_step = {k: v.detach().clone() for k, v in model.named_parameters()}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(
+                optimizer,
+                loss,
+                f"{self.name}: non-finite meta-loss in replay at epoch {epoch}, meta-batch "
+                f"{batches + 1}; lower outer_lr",
+            )
             batches += 1
             best, stale = (accuracy, 0) if accuracy > best else (best, stale + 1)
         assert last_task is not None
-        start = {k: v.requires_grad_() for k, v in before_step.items()}
-        adapted = inner_adapt(
+        adapted = finetune(
             model,
-            start,
+            before_step,
             last_task.support_images,
             last_task.support_labels,
             settings.inner_steps,
             settings.inner_lr,
-            second_order=False,
         )
-        return batches, {k: v.detach() for k, v in adapted.items()}
+        return batches, adapted
 
     def _finish(
         self,
@@ -698,10 +717,10 @@ class Free(Method):
     ) -> None:
         settings: FreeSettings = self.settings  # type: ignore[assignment]
         tasks = max(images_recovered, 1) / (context.ways * settings.per_class)
-        self.timings.extra.update(
-            images_recovered=float(images_recovered),
-            recovery_s_per_task=self.timings.recovery_seconds / tasks,
-            replay_batches=float(replay_batches),
+        self.timings.set(
+            images_recovered=images_recovered,
+            recovery_s_per_task=self.recovery_seconds / tasks,
+            replay_batches=replay_batches,
         )
         if context.artifacts_dir is not None and len(self.memory.rings) >= context.ways:
             # a pseudo task as meta-training replays them (one row per class), drawn with its own
@@ -726,6 +745,8 @@ class FreeNoAlign(Free):
     """Ablation: no fast chain; all teachers' distillation gradients at the meta weights."""
 
     name = "free-no-align"
+    display_name = "FREE w/o alignment"
+    ablation_of = "free"
     align = False
 
 
@@ -734,4 +755,6 @@ class FreeNoMetaGenerator(Free):
     """Ablation: a freshly initialised generator per teacher (same steps), no meta-generator."""
 
     name = "free-no-metagen"
+    display_name = "FREE w/o meta-generator"
+    ablation_of = "free"
     meta_generator = False

@@ -5,27 +5,22 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
+from dfml_bench.cost import RunShape, WorkRates
 from dfml_bench.data.base import FewShotDataset
 from dfml_bench.data.sampler import EpisodeSampler
 from dfml_bench.data.task import Task
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.base import (
-    Checkpoint,
-    MetaTrainContext,
-    Method,
-    checkpoint_iterations,
-    register_method,
-)
-from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.meta.loop import TrainingLoop, descend
+from dfml_bench.meta.maml import meta_batch_loss
+from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.models import build_model
-from dfml_bench.resume import load_snapshot, snapshot
 
 TRAIN_SEED_OFFSET = 20_011  # meta-train episodes: a stream apart from val and test
 
@@ -47,8 +42,23 @@ class OracleSettings(BaseModel):
 @register_method
 class Oracle(Method):
     name = "oracle"
+    display_name = "Oracle (real data)"
+    table_order = 6
     Settings = OracleSettings
     data_free = False
+    smoke_settings: ClassVar[dict[str, Any]] = {
+        "iterations": 6,
+        "eval_interval": 2,
+        "meta_batch": 2,
+        "queries": 3,
+    }
+    cost_assumption = "Oracle: iterations x a MAML meta-batch on real tasks"
+
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        s: OracleSettings = settings  # type: ignore[assignment]
+        task = run.task(s.queries, s.inner_steps)
+        return s.iterations * rates.maml_image * s.meta_batch * task * run.meta_flops
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         settings: OracleSettings = self.settings  # type: ignore[assignment]
@@ -73,24 +83,15 @@ class Oracle(Method):
             )
             for dataset in context.training_data
         ]
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
-
-        stateful = {"model": model, "optimizer": optimizer, "generator": generator}
-        done = 0
-        restored = context.resume.restore_method()
-        if restored is not None:
-            done, saved = restored
-            load_snapshot(stateful, saved)
-
-        progress = tqdm(
-            range(done + 1, settings.iterations + 1),
-            initial=done,
-            total=settings.iterations,
-            desc=f"{self.name} {context.shots}-shot",
-            disable=not context.progress,
-            leave=False,
+        loop = TrainingLoop(
+            context.resume,
+            settings.iterations,
+            settings.eval_interval,
+            f"{self.name} {context.shots}-shot",
+            {"model": model, "optimizer": optimizer, "generator": generator},
+            progress=context.progress,
         )
-        for iteration in progress:
+        for iteration in loop:
             tasks = []
             for slot in range(settings.meta_batch):
                 which = int(torch.randint(len(samplers), (1,), generator=generator))
@@ -104,28 +105,15 @@ class Oracle(Method):
                         episode.query_labels.to(context.device),
                     )
                 )
-            loss, accuracy = maml_outer_loss(
-                model,
-                dict(model.named_parameters()),
-                tasks,
-                settings.inner_steps,
-                settings.inner_lr,
-                settings.second_order,
+            loss, accuracy = meta_batch_loss(model, tasks, settings)
+            descend(
+                optimizer,
+                loss,
+                f"{self.name}: non-finite meta-loss at meta-iteration {iteration}; lower outer_lr",
             )
-            if not torch.isfinite(loss):
-                raise DfmlError(
-                    f"{self.name}: non-finite meta-loss at meta-iteration {iteration}; "
-                    "lower outer_lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            progress.set_postfix(acc=f"{accuracy:.1f}")
-            if iteration in evaluate_at:
+            loop.show(acc=f"{accuracy:.1f}")
+            if loop.evaluates(iteration):
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
-            context.resume.step(
-                iteration, lambda: snapshot(stateful), force=iteration in evaluate_at
-            )
 
 
 def _prepare(

@@ -21,15 +21,10 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.average import (
-    FusionHeadSettings,
-    average_state_dicts,
-    head_names,
-    set_head,
-)
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.methods.base import Checkpoint, MetaTrainContext, NoMetaTraining, register_method
 from dfml_bench.models import build_model
+from dfml_bench.zoo.fusion import FusionHeadSettings, average_state_dicts, fuse_into, set_head
 
 State = dict[str, torch.Tensor]
 SUPPORTED = ("conv4", "conv4-gap", "conv4-gmp")
@@ -125,8 +120,10 @@ def activation_costs(
 
 
 @register_method
-class Ota(Method):
+class Ota(NoMetaTraining):
     name = "ota"
+    display_name = "OTA"
+    table_order = 2
     Settings = OtaSettings
     same_architecture_only = True
 
@@ -161,15 +158,9 @@ class Ota(Method):
             aligned.append(align_to(teacher.state_dict(), reference.state_dict(), costs))
         spec = context.meta_model
         model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
-        heads = head_names(model)
-        matching = [s for s in aligned if s["head.weight"].shape[0] == context.ways]
-        if not matching:
-            raise DfmlError(f"ota needs at least one teacher with a {context.ways}-way head")
-        backbone = average_state_dicts(
-            [{k: v for k, v in s.items() if k not in heads} for s in aligned]
+        fuse_into(
+            model, aligned, context.ways, average_state_dicts, f"zoo {zoo.manifest.recipe_name!r}"
         )
-        head = average_state_dicts([{k: v for k, v in s.items() if k in heads} for s in matching])
-        model.load_state_dict({**backbone, **head})
         torch.manual_seed(context.seed)  # the fresh head of `reinit`
         set_head(model, settings.head, spec, context.ways)
         yield Checkpoint(iteration=0, model=use_batch_statistics(model))

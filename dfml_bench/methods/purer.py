@@ -16,19 +16,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm.auto import tqdm
 
+from dfml_bench.cost import RunShape, WorkRates
 from dfml_bench.data.task import Task
 from dfml_bench.device import synchronize
 from dfml_bench.errors import DfmlError
-from dfml_bench.evaluation.adaptation import use_batch_statistics
 from dfml_bench.evaluation.recovery_speed import (
     PoolRecovery,
     TimeToQuality,
@@ -50,17 +49,13 @@ from dfml_bench.inversion.pool import PseudoImagePool, save_task_grid
 from dfml_bench.inversion.precision import InversionPrecision, inversion_autocast
 from dfml_bench.inversion.settings import InversionSpeedSettings
 from dfml_bench.inversion.vectorised import StackedTeachers
-from dfml_bench.methods.average import Accumulation, FusedHead, average_of_zoo, set_head
-from dfml_bench.methods.base import (
-    Checkpoint,
-    MetaTrainContext,
-    Method,
-    checkpoint_iterations,
-    register_method,
-)
-from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.meta.loop import TrainingLoop, descend
+from dfml_bench.meta.maml import maml_outer_loss, meta_batch_loss
+from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
 from dfml_bench.models import build_model
-from dfml_bench.resume import load_snapshot, snapshot
+from dfml_bench.records import RunRecord
+from dfml_bench.zoo.fusion import Accumulation, FusedHead, average_of_zoo, set_head
 
 PER_CLASS_BY_SHOTS = {1: 16, 5: 20}  # the authors' synthesis sizes (K + 15 queries otherwise)
 
@@ -68,7 +63,7 @@ CurriculumTrigger = Literal["authors", "all-time-best"]
 
 
 class PurerSettings(InversionSpeedSettings, TimeToQualitySettings, FidelitySettings):
-    """Defaults are the authors' (DESIGN.md section 2); budgets are reduced in configs, not here."""
+    """Defaults are the authors' scripts'; budgets are reduced in configs, not here."""
 
     model_config = ConfigDict(extra="forbid")
     PROFILE_VALUES = {
@@ -228,9 +223,35 @@ def eci_data_step(
 @register_method
 class Purer(Method):
     name = "purer"
+    display_name = "PURER"
+    table_order = 4
     Settings = PurerSettings
     uses_icfil = True
     curriculum: ClassVar[bool] = True
+    smoke_settings: ClassVar[dict[str, Any]] = {
+        "iterations": 8,
+        "eval_interval": 3,
+        "per_class": 6,
+        "queries": 3,
+        "meta_batch": 2,
+        "curriculum_start": 2,
+        "curriculum_patience": 1,
+        "time_to_quality_probes": 1,
+        "time_to_quality_max_steps": 3,
+    }
+    cost_assumption = (
+        "PURER: iterations x (ECI data step scaled to the zoo's teacher images + the MAML part "
+        "of a meta-iteration scaled to the meta-batch); the curriculum's adversarial term is not "
+        "counted"
+    )
+
+    @classmethod
+    def meta_training_seconds(cls, settings: BaseModel, run: RunShape, rates: WorkRates) -> float:
+        s: PurerSettings = settings  # type: ignore[assignment]
+        per_class = s.per_class or PER_CLASS_BY_SHOTS.get(run.shots, run.shots + s.queries)
+        data_step = rates.eci_image * per_class * run.teacher_load
+        maml = rates.maml_image * s.meta_batch * run.meta_flops * run.task(s.queries, s.inner_steps)
+        return s.iterations * (data_step + maml)
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:
         settings: PurerSettings = self.settings  # type: ignore[assignment]
@@ -245,7 +266,7 @@ class Purer(Method):
                 f"per_class={per_class} cannot fill {context.shots}-shot tasks with "
                 f"{settings.queries} queries; set per_class >= {context.shots + settings.queries}"
             )
-        teachers: list[nn.Module] | StackedTeachers = load_teachers(context)
+        teachers: list[nn.Module] | StackedTeachers = context.zoo.frozen_teachers(context.device)
         if settings.vectorised_on(device):
             teachers = StackedTeachers(teachers, compile=settings.inversion_compile)
         model = self._initial_model(context).to(device, memory_format=torch.channels_last)
@@ -270,45 +291,41 @@ class Purer(Method):
             else None
         )
         teacher_weights = eci_teacher_weights(len(context.zoo.teachers), settings.teacher_weighting)
-        evaluate_at = checkpoint_iterations(settings.iterations, settings.eval_interval)
         adversarial, adversarial_steps = False, 0
         first_adversarial: int | None = None  # meta-iteration of the first adversarial step
-        self.timings.extra["pseudo_images"] = float(pool.num_images)
+        self.timings.images_recovered = pool.num_images
 
-        stateful = {
-            "model": model,
-            "pool": pool,
-            "data_optimizer": data_optimizer,
-            "meta_optimizer": meta_optimizer,
-            "generator": generator,
-        }
-
-        def state() -> dict[str, object]:
-            return snapshot(stateful) | {
+        def extra_state() -> dict[str, object]:
+            return {
                 "curriculum": None if switch is None else switch.state(),
                 "adversarial": [adversarial, adversarial_steps, first_adversarial],
             }
 
-        done = 0
-        restored = context.resume.restore_method()
-        if restored is not None:
-            done, saved = restored
-            load_snapshot(stateful, saved)
+        def restore_extra(saved: dict[str, Any]) -> None:
+            nonlocal adversarial, adversarial_steps, first_adversarial
             if switch is not None:
                 switch.load(saved["curriculum"])
             # states saved before first_adversarial was kept hold two entries
             adversarial, adversarial_steps, *first = saved["adversarial"]
             first_adversarial = first[0] if first else None
 
-        progress = tqdm(
-            range(done + 1, settings.iterations + 1),
-            initial=done,
-            total=settings.iterations,
-            desc=f"{self.name} {context.shots}-shot",
-            disable=not context.progress,
-            leave=False,
+        loop = TrainingLoop(
+            context.resume,
+            settings.iterations,
+            settings.eval_interval,
+            f"{self.name} {context.shots}-shot",
+            {
+                "model": model,
+                "pool": pool,
+                "data_optimizer": data_optimizer,
+                "meta_optimizer": meta_optimizer,
+                "generator": generator,
+            },
+            extra_state,
+            restore_extra,
+            context.progress,
         )
-        for iteration in progress:
+        for iteration in loop:
             started = time.perf_counter()
             adversary = None
             if adversarial:
@@ -330,7 +347,7 @@ class Purer(Method):
                 teacher_weights,
             )
             synchronize(device)
-            self.timings.recovery_seconds += time.perf_counter() - started
+            self.recovery_seconds += time.perf_counter() - started
             if not all(map(math.isfinite, (inversion.ce, inversion.bn, inversion.tv))):
                 raise DfmlError(
                     f"{self.name}: non-finite inversion loss at meta-iteration {iteration} "
@@ -341,45 +358,34 @@ class Purer(Method):
                 pool.sample_task(context.ways, context.shots, settings.queries, generator)
                 for _ in range(settings.meta_batch)
             ]
-            loss, accuracy = maml_outer_loss(
-                model,
-                dict(model.named_parameters()),
-                tasks,
-                settings.inner_steps,
-                settings.inner_lr,
-                settings.second_order,
+            loss, accuracy = meta_batch_loss(model, tasks, settings)
+            descend(
+                meta_optimizer,
+                loss,
+                f"{self.name}: non-finite meta-loss at meta-iteration {iteration}; lower outer_lr",
             )
-            if not torch.isfinite(loss):
-                raise DfmlError(
-                    f"{self.name}: non-finite meta-loss at meta-iteration {iteration}; "
-                    f"lower outer_lr"
-                )
-            meta_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            meta_optimizer.step()
             adversarial = switch.update(iteration, accuracy) if switch else False
-            progress.set_postfix(acc=f"{accuracy:.1f}", ce=f"{inversion.ce:.2f}")
+            loop.show(acc=f"{accuracy:.1f}", ce=f"{inversion.ce:.2f}")
 
-            if iteration in evaluate_at:
+            if loop.evaluates(iteration):
                 if iteration == settings.iterations:
                     self._finish(
                         context, pool, generator, settings, adversarial_steps, first_adversarial
                     )
                 yield Checkpoint(iteration=iteration, model=copy.deepcopy(model))
-            context.resume.step(iteration, state, force=iteration in evaluate_at)
 
     @classmethod
-    def inactive_mechanisms(cls, record: Mapping[str, Any]) -> list[str]:
+    def inactive_mechanisms(cls, record: RunRecord) -> list[str]:
         """ICFIL's check, and the curriculum: no adversarial data step before the scored
         checkpoint means the row is plain inversion whatever its name."""
         notes = super().inactive_mechanisms(record)
-        timings = record.get("method_timings") or {}
-        if not cls.curriculum or "adversarial_steps" not in timings:
+        timings = record.method_timings
+        if not cls.curriculum or timings.adversarial_steps is None:
             return notes
-        first = timings.get("first_adversarial_iteration")
-        if not timings["adversarial_steps"]:
+        first = timings.first_adversarial_iteration
+        if not timings.adversarial_steps:
             notes.append("ECI's curriculum never fired (0 adversarial steps)")
-        elif first is not None and record.get("iteration", first) < first:
+        elif first is not None and record.iteration is not None and record.iteration < first:
             notes.append(f"the scored checkpoint precedes ECI's first adversarial step ({first:g})")
         return notes
 
@@ -390,10 +396,10 @@ class Purer(Method):
         if self.architecture_mismatch(context) is None:
             model = average_of_zoo(context.zoo, spec, context.ways, settings.start_accumulation)
             set_head(model, settings.start_head, spec, context.ways)
-            self.timings.extra["init_from_average"] = 1.0
+            self.timings.init_from_average = 1.0
         else:
             model = build_model(spec.architecture, context.ways, spec.image_size, spec.init)
-            self.timings.extra["init_from_average"] = 0.0
+            self.timings.init_from_average = 0.0
         return use_batch_statistics(model)
 
     def _finish(
@@ -405,12 +411,12 @@ class Purer(Method):
         adversarial_steps: int,
         first_adversarial: int | None,
     ) -> None:
-        self.timings.extra["adversarial_steps"] = float(adversarial_steps)
+        self.timings.adversarial_steps = adversarial_steps
         if first_adversarial is not None:
-            self.timings.extra["first_adversarial_iteration"] = float(first_adversarial)
+            self.timings.first_adversarial_iteration = first_adversarial
         tasks = pool.num_images / (context.ways * pool.per_class)
-        self.timings.extra["recovery_s_per_task"] = self.timings.recovery_seconds / tasks
-        self.timings.extra.update(self._time_to_quality(context, pool.per_class, settings))
+        self.timings.recovery_s_per_task = self.recovery_seconds / tasks
+        self.timings.set(**self._time_to_quality(context, pool.per_class, settings))
         if context.artifacts_dir is not None:
             task = pool.sample_task(context.ways, context.shots, settings.queries, generator)
             save_task_grid(task, context.ways, context.artifacts_dir / "pseudo-task.png")
@@ -422,7 +428,7 @@ class Purer(Method):
         `dfml_bench.evaluation.recovery_speed`)."""
         if settings.time_to_quality_probes == 0:
             return {}
-        teachers = load_teachers(context)
+        teachers = context.zoo.frozen_teachers(context.device)
         generator = probe_generator(context.seed)
         weights = DeepInversionWeights(
             bn=settings.bn_weight, tv=settings.tv_weight, l2=settings.l2_weight
@@ -458,6 +464,8 @@ class PurerNoEci(Purer):
     """Ablation: plain inversion (the same DeepInversion step each iteration, no curriculum)."""
 
     name = "purer-no-eci"
+    display_name = "PURER w/o ECI"
+    ablation_of = "purer"
     curriculum = False
 
 
@@ -466,14 +474,6 @@ class PurerNoIcfil(Purer):
     """Ablation: ECI meta-training, plain fine-tuning at meta-test (no ICFIL)."""
 
     name = "purer-no-icfil"
+    display_name = "PURER w/o ICFIL"
+    ablation_of = "purer"
     uses_icfil = False
-
-
-def load_teachers(context: MetaTrainContext) -> list[nn.Module]:
-    """All teachers once, frozen, in eval mode (they are only ever inverted)."""
-    teachers = []
-    for index in range(len(context.zoo.teachers)):
-        teacher = context.zoo.load_teacher(index, context.device)
-        teacher.requires_grad_(False)
-        teachers.append(teacher.to(memory_format=torch.channels_last))
-    return teachers

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dfml_bench.evaluation.adaptation import use_batch_statistics
-from dfml_bench.methods.base import Checkpoint, MetaTrainContext, Method, register_method
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.methods.base import Checkpoint, MetaTrainContext, NoMetaTraining, register_method
 from dfml_bench.models import build_model
 
 
@@ -17,8 +17,10 @@ class RandomSettings(BaseModel):
 
 
 @register_method
-class RandomInit(Method):
+class RandomInit(NoMetaTraining):
     name = "random"
+    display_name = "Random"
+    table_order = 0
     Settings = RandomSettings
 
     def meta_train(self, context: MetaTrainContext) -> Iterator[Checkpoint]:

@@ -1,5 +1,5 @@
-"""Benchmark table: medians of the pytest-benchmark suite (tests/bench), speed-ups within each
-group against its reference implementation, and the published reference figures.
+"""Benchmark table: medians of the pytest-benchmark suite (dfml_bench/benchmarks), speed-ups
+within each group against its reference implementation, and the published reference figures.
 
 Each benchmark stores in `extra_info` the device, torch version and settings it ran with;
 `baseline: true` marks the reference implementation of its group (the loop over teachers, task

@@ -1,14 +1,15 @@
-"""Gather every run record under results/runs into one flat summary.csv."""
+"""Gather every run record of a results folder into one flat summary.csv."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from dfml_bench import atomic
 from dfml_bench.errors import DfmlError
+from dfml_bench.layout import ResultsLayout
+from dfml_bench.records import RunRecord, read_record
 from dfml_bench.reporting.speed import TTQ_FIELDS
 
 SUMMARY_COLUMNS = [
@@ -56,47 +57,44 @@ SUMMARY_COLUMNS = [
 
 
 def read_records(results_dir: Path) -> pd.DataFrame:
+    """One row per record file of the results layout, each validated as a `RunRecord`."""
     rows = []
-    for path in sorted((results_dir / "runs").glob("**/record-*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise DfmlError(
-                f"run record {path} is not valid JSON ({error}); rerun that run"
-            ) from None
-        env = record.get("environment", {})
-        timings = record.get("method_timings") or {}
+    for path in ResultsLayout(str(results_dir)).records():
+        record = read_record(path)
+        fields = record.model_dump()
+        timings = record.method_timings
+        evaluation = record.spec.get("evaluation", {})
         rows.append(
             {
-                **{key: record.get(key) for key in SUMMARY_COLUMNS},
-                "datasets": "+".join(record.get("datasets") or [record.get("dataset", "")]),
-                "zoo_teachers": record.get("zoo", {}).get("teachers"),
-                "zoo_architectures": "+".join(record.get("zoo", {}).get("architectures", [])),
-                "run_dir": record.get("spec", {}).get("run_dir"),
-                "created": record.get("created"),
-                "machine": env.get("machine"),
-                "recovered_images": timings.get("images_recovered", timings.get("pseudo_images")),
-                "recovery_s_per_task": timings.get("recovery_s_per_task"),
-                **{field: timings.get(field) for field in TTQ_FIELDS},
-                "test_steps": record.get("spec", {}).get("evaluation", {}).get("inner_steps"),
-                "test_lr": record.get("spec", {}).get("evaluation", {}).get("inner_lr"),
-                "fused_head": (record.get("method_settings") or {}).get("head"),
+                **{key: fields.get(key) for key in SUMMARY_COLUMNS},
+                "datasets": "+".join(record.datasets),
+                "zoo_teachers": record.zoo.teachers,
+                "zoo_architectures": "+".join(record.zoo.architectures),
+                "run_dir": record.spec.get("run_dir"),
+                "machine": record.environment.machine,
+                "recovered_images": timings.images_recovered,
+                "recovery_s_per_task": timings.recovery_s_per_task,
+                **{field: getattr(timings, field) for field in TTQ_FIELDS},
+                "test_steps": evaluation.get("inner_steps"),
+                "test_lr": evaluation.get("inner_lr"),
+                "fused_head": record.method_settings.get("head"),
                 "inactive": "; ".join(_inactive_mechanisms(record)) or None,
-                "device": env.get("device"),
-                "torch": env.get("packages", {}).get("torch"),
-                "git_commit": env.get("git_commit"),
+                "device": record.environment.device,
+                "torch": record.environment.packages.get("torch"),
+                "git_commit": record.environment.git_commit,
                 "record": str(path.relative_to(results_dir)),
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def _inactive_mechanisms(record: dict) -> list[str]:
+def _inactive_mechanisms(record: RunRecord) -> list[str]:
     """The method's own reading of its record (`Method.inactive_mechanisms`)."""
     from dfml_bench.methods import method_class, method_names
 
-    base = record.get("base_method") or record.get("method")
-    return method_class(base).inactive_mechanisms(record) if base in method_names() else []
+    if record.base_method not in method_names():
+        return []
+    return method_class(record.base_method).inactive_mechanisms(record)
 
 
 def collect(results_dir: Path | str, output: Path | str | None = None) -> Path:
@@ -105,5 +103,5 @@ def collect(results_dir: Path | str, output: Path | str | None = None) -> Path:
     if frame.empty:
         raise DfmlError(f"no run records under {results_dir / 'runs'}; run the workflow first")
     frame = frame.sort_values(["scenario", "dataset", "method", "shots", "seed", "protocol"])
-    target = Path(output) if output else results_dir / "summary.csv"
+    target = Path(output or ResultsLayout(str(results_dir)).summary)
     return atomic.write_with(target, lambda tmp: frame.to_csv(tmp, index=False))

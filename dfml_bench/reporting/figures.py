@@ -20,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from dfml_bench import atomic  # noqa: E402
 from dfml_bench.evaluation.stats import mean_ci95_across_seeds  # noqa: E402
+from dfml_bench.layout import ResultsLayout
 from dfml_bench.reporting.naming import method_display, method_rank  # noqa: E402
 
 FIGURE_KINDS = ("pseudo-tasks", "curves", "tradeoff")
@@ -61,7 +62,7 @@ def _empty(figure: Figure, message: str) -> None:
 
 def _records(results_dir: Path, scenario: str, protocol: str = "clean") -> list[dict]:
     records = []
-    for path in sorted((results_dir / "runs").glob(f"*/*/*/*/record-{protocol}.json")):
+    for path in ResultsLayout(str(results_dir)).records(protocol):
         record = json.loads(path.read_text())
         if record.get("scenario") == scenario and record.get("applicable", True):
             record["_dir"] = path.parent

@@ -1,22 +1,9 @@
-"""How methods are named and ordered in every table and figure (the papers' order)."""
+"""How methods are named and ordered in every table and figure: what each method class declares
+(`display_name`, `table_order`, `ablation_of`), and a config's variant labels from its records."""
 
 from __future__ import annotations
 
-METHOD_ORDER = ["random", "average", "ota", "dro", "purer", "free", "oracle"]
-METHOD_DISPLAY = {
-    "random": "Random",
-    "average": "Average",
-    "ota": "OTA",
-    "dro": "DRO-style",
-    "purer": "PURER",
-    "purer-no-eci": "PURER w/o ECI",
-    "purer-no-icfil": "PURER w/o ICFIL",
-    "free": "FREE",
-    "free-no-align": "FREE w/o alignment",
-    "free-no-metagen": "FREE w/o meta-generator",
-    "oracle": "Oracle (real data)",
-}
-
+from dfml_bench.methods import method_class, method_names, method_rank
 
 # display names of a config's variants (ablation rows), read from the records' summary
 _VARIANT_DISPLAY: dict[str, str] = {}
@@ -28,11 +15,9 @@ def remember_variant_names(names: dict[str, str]) -> None:
 
 
 def method_display(method: str) -> str:
-    return METHOD_DISPLAY.get(method) or _VARIANT_DISPLAY.get(method, method)
+    if method in method_names():
+        return method_class(method).display_name
+    return _VARIANT_DISPLAY.get(method, method)
 
 
-def method_rank(method: str) -> tuple[int, int, str]:
-    """Fixed row order: the papers' method order, each method's ablations right after it."""
-    base = method.split("-")[0]
-    position = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (position, int(method != base), method)
+__all__ = ["method_display", "method_rank", "remember_variant_names"]

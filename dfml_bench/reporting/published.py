@@ -1,8 +1,8 @@
 """Published reference numbers, cited: the PURER paper's main table (5-way, mean +- 95% CI).
 
 Source: Hu et al., "Architecture, Dataset and Model-Scale Agnostic Data-free Meta-Learning"
-(PURER, CVPR 2023), the poster's main results table, as transcribed in the project's DESIGN.md
-section 3. The CIFAR-FS cells of Average and OTA are merged into one row in the poster;
+(PURER, CVPR 2023), the poster's main results table (code: github.com/Egg-Hu/PURER). The CIFAR-FS
+cells of Average and OTA are merged into one row in the poster;
 they are kept here but marked unconfirmed and left out of comparisons by default.
 """
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-CITATION = "PURER main results table (5-way, mean ± 95% CI), transcribed in DESIGN.md §3"
+CITATION = (
+    "PURER main results table (5-way, mean ± 95% CI): Hu et al., CVPR 2023, github.com/Egg-Hu/PURER"
+)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 import os
 import sys
 
-from dfml_bench.config import all_runs, parse_workflow_config, run_spec, zoo_dir
+from dfml_bench.config import all_runs, parse_workflow_config, run_spec
 from dfml_bench.errors import DfmlError
 from dfml_bench.reporting.figures import FIGURE_KINDS, FORMATS as FIGURE_FORMATS
 
@@ -11,17 +11,15 @@ try:
 except DfmlError as error:
     raise WorkflowError(str(error)) from None
 
-RESULTS = CFG.results_dir
+LAYOUT = CFG.layout  # every path below comes from dfml_bench/layout.py
 # zoo and run jobs of a CUDA config hold one `gpu` resource: SLURM asks for one GPU per job,
 # and `--resources gpu=N` (profiles/local) caps how many run at once on one machine
 GPU = int(CFG.device == "cuda")
 RUNS = all_runs(CFG)
 LABELS = sorted({CFG.scenarios[scenario].label.lower() for scenario, *_ in RUNS})
 DFML = f'"{sys.executable}" -m dfml_bench --quiet'
-# --checkpoint-interval-s of zoo and run jobs (how often they save a state to resume from)
-CHECKPOINT_INTERVAL = (
-    "never" if CFG.checkpoint_interval_s is None else CFG.checkpoint_interval_s
-)
+# --state-interval-s of zoo and run jobs (how often they save a state to resume from)
+STATE_INTERVAL = "never" if CFG.state_interval_s is None else CFG.state_interval_s
 # quoted in REPORT.md as the command that reproduces every number
 REPRODUCE = "snakemake --cores all" + "".join(
     f" --configfile {os.path.relpath(path, workflow.basedir)}" for path in workflow.configfiles
@@ -31,10 +29,6 @@ DATA_OPTIONS = " ".join(
     for flag, value in (("data-root", CFG.data_root), ("cache-dir", CFG.cache_dir))
     if value
 )
-
-
-def run_folder(scenario, method, shots, seed):
-    return f"{RESULTS}/runs/{scenario}/{method}/{shots}shot/seed{seed}"
 
 
 def recipe_file(recipe):

@@ -1,15 +1,11 @@
 rule collect:
     """One row per run record (and protocol) in summary.csv."""
     input:
-        [
-            f"{run_folder(*run)}/record-{protocol}.json"
-            for run in RUNS
-            for protocol in ("paper", "clean")
-        ],
+        [LAYOUT.record(*run, protocol) for run in RUNS for protocol in ("paper", "clean")],
     output:
-        f"{RESULTS}/summary.csv",
+        LAYOUT.summary,
     log:
-        f"{RESULTS}/logs/collect.log",
+        LAYOUT.log("collect"),
     params:
         dfml=DFML,
         results=lambda wildcards, output: os.path.dirname(output[0]),
@@ -23,17 +19,17 @@ rule report:
     input:
         rules.collect.output,
     output:
-        tables=[f"{RESULTS}/tables/{label}.{ext}" for label in LABELS for ext in ("md", "tex")]
-        + [f"{RESULTS}/tables/speed.md", f"{RESULTS}/tables/reference.md"],
+        tables=[f"{LAYOUT.tables}/{label}.{ext}" for label in LABELS for ext in ("md", "tex")]
+        + [f"{LAYOUT.tables}/speed.md", f"{LAYOUT.tables}/reference.md"],
         figures=[
-            f"{RESULTS}/figures/{kind}-{label}.{ext}"
+            f"{LAYOUT.figures}/{kind}-{label}.{ext}"
             for kind in FIGURE_KINDS
             for label in LABELS
             for ext in FIGURE_FORMATS
         ],
-        report=f"{RESULTS}/REPORT.md",
+        report=LAYOUT.report,
     log:
-        f"{RESULTS}/logs/report.log",
+        LAYOUT.log("report"),
     params:
         dfml=DFML,
         results=lambda wildcards, output: os.path.dirname(output.report),

@@ -1,14 +1,14 @@
 rule run_method:
     """Meta-train one method on one scenario's zoo and evaluate it under both protocols."""
     input:
-        manifest=lambda wildcards: f"{zoo_dir(CFG, CFG.scenarios[wildcards.scenario].recipe)}/manifest.json",
+        manifest=lambda wildcards: LAYOUT.manifest(CFG.scenarios[wildcards.scenario].recipe),
     output:
-        paper=f"{RESULTS}/runs/{{scenario}}/{{method}}/{{shots}}shot/seed{{seed}}/record-paper.json",
-        clean=f"{RESULTS}/runs/{{scenario}}/{{method}}/{{shots}}shot/seed{{seed}}/record-clean.json",
+        paper=LAYOUT.record("{scenario}", "{method}", "{shots}", "{seed}", "paper"),
+        clean=LAYOUT.record("{scenario}", "{method}", "{shots}", "{seed}", "clean"),
     log:
-        f"{RESULTS}/logs/runs/{{scenario}}/{{method}}/{{shots}}shot-seed{{seed}}.log",
+        LAYOUT.run_log("{scenario}", "{method}", "{shots}", "{seed}"),
     benchmark:
-        f"{RESULTS}/benchmarks/runs/{{scenario}}/{{method}}/{{shots}}shot-seed{{seed}}.tsv"
+        LAYOUT.run_benchmark("{scenario}", "{method}", "{shots}", "{seed}")
     wildcard_constraints:
         shots=r"\d+",
         seed=r"\d+",
@@ -17,10 +17,10 @@ rule run_method:
         spec=lambda wildcards: run_spec(
             CFG, wildcards.scenario, wildcards.method, int(wildcards.shots), int(wildcards.seed)
         ).model_dump_json(),
-        interval=CHECKPOINT_INTERVAL,
+        interval=STATE_INTERVAL,
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "OMP_NUM_THREADS={threads} {params.dfml} run --spec {params.spec:q}"
-        " --checkpoint-interval-s {params.interval} > {log:q} 2>&1"
+        " --state-interval-s {params.interval} > {log:q} 2>&1"

@@ -3,21 +3,21 @@ rule train_zoo:
     input:
         recipe=lambda wildcards: recipe_file(wildcards.recipe),
     output:
-        manifest=f"{RESULTS}/zoo/{{recipe}}/manifest.json",
+        manifest=LAYOUT.manifest("{recipe}"),
     log:
-        f"{RESULTS}/logs/zoo/{{recipe}}.log",
+        LAYOUT.zoo_log("{recipe}"),
     benchmark:
-        f"{RESULTS}/benchmarks/zoo/{{recipe}}.tsv"
+        LAYOUT.zoo_benchmark("{recipe}")
     params:
         dfml=DFML,
         out=lambda wildcards, output: os.path.dirname(output.manifest),
         device=CFG.device,
         data=DATA_OPTIONS,
-        interval=CHECKPOINT_INTERVAL,
+        interval=STATE_INTERVAL,
     threads: 1
     resources:
         gpu=GPU,
     shell:
         "OMP_NUM_THREADS={threads} {params.dfml} zoo train {input.recipe:q} --out {params.out:q}"
-        " --device {params.device} --checkpoint-interval-s {params.interval} {params.data}"
+        " --device {params.device} --state-interval-s {params.interval} {params.data}"
         " > {log:q} 2>&1"

@@ -105,5 +105,14 @@ class Zoo:
         load_into(model, self.directory / record.file, record.sha256)
         return model.to(device).eval()
 
+    def frozen_teachers(self, device: torch.device | str = "cpu") -> list[nn.Module]:
+        """Every teacher once, frozen, in eval mode and channels-last: methods only invert
+        them or read their outputs, never train them."""
+        teachers = []
+        for index in range(len(self.teachers)):
+            teacher = self.load_teacher(index, device).requires_grad_(False)
+            teachers.append(teacher.to(memory_format=torch.channels_last))
+        return teachers
+
     def write(self) -> Path:
         return atomic.write_json(self.directory / MANIFEST_NAME, self.manifest.model_dump())

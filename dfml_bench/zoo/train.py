@@ -21,7 +21,7 @@ from dfml_bench.errors import ConfigError, DfmlError
 from dfml_bench.models import build_model
 from dfml_bench.models.finite import non_finite_parameters
 from dfml_bench.models.storage import file_sha256, save_state
-from dfml_bench.resume import Checkpointer, load_snapshot, snapshot
+from dfml_bench.resume import StateStore, load_snapshot, snapshot
 from dfml_bench.zoo.manifest import TeacherRecord, Zoo, ZooManifest
 from dfml_bench.zoo.recipe import ZooRecipe
 
@@ -89,11 +89,11 @@ def train_zoo(
     cache_dir: Path | None = None,
     device: torch.device | None = None,
     progress: bool = True,
-    checkpoint_interval_s: float | None = 300.0,
+    state_interval_s: float | None = 300.0,
 ) -> Zoo:
     """Train every teacher of `recipe` not already in `out_dir`, then write the manifest.
 
-    A teacher's training state is saved every `checkpoint_interval_s` seconds (None: never), so
+    A teacher's training state is saved every `state_interval_s` seconds (None: never), so
     a killed training continues from its last epoch saved instead of from scratch."""
     device = device or torch.device("cpu")
     datasets = {
@@ -116,7 +116,7 @@ def train_zoo(
                 device,
                 recipe_hash,
                 progress,
-                checkpoint_interval_s,
+                state_interval_s,
             )
         records.append(record)
     manifest = ZooManifest(
@@ -175,7 +175,7 @@ def _train_teacher(
     device: torch.device,
     recipe_hash: str,
     progress: bool,
-    checkpoint_interval_s: float | None,
+    state_interval_s: float | None,
 ) -> TeacherRecord:
     started = time.perf_counter()
     torch.manual_seed(plan.seed)
@@ -226,13 +226,13 @@ def _train_teacher(
             "seconds": time.perf_counter() - started,
         }
 
-    checkpointer = Checkpointer(
+    state_store = StateStore(
         out_dir / "resume" / f"teacher-{plan.index:03d}",
         f"{recipe_hash}:{plan.index}",
-        checkpoint_interval_s,
+        state_interval_s,
     )
     done = 0
-    restored = checkpointer.restore_method()
+    restored = state_store.restore_method()
     if restored is not None:
         done, saved = restored
         load_snapshot(stateful, saved)
@@ -273,7 +273,7 @@ def _train_teacher(
             best_accuracy, best_epoch = accuracy, epoch
             if not keep_last:
                 best_state = copy.deepcopy(model.state_dict())
-        checkpointer.step(epoch, state)
+        state_store.step(epoch, state)
 
     if keep_last:
         kept_state, kept_accuracy, kept_epoch = model.state_dict(), last_accuracy, last_epoch
@@ -301,7 +301,7 @@ def _train_teacher(
         train_seconds=time.perf_counter() - started,
     )
     atomic.write_json(_sidecar(out_dir, plan.index), record.model_dump())
-    checkpointer.clear()
+    state_store.clear()
     return record
 
 

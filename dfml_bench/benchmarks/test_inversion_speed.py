@@ -10,12 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from dfml_bench.evaluation.adaptation import use_batch_statistics
+from dfml_bench.benchmarks.helpers import SMOKE, measure, sized
 from dfml_bench.inversion import DeepInversionWeights
 from dfml_bench.inversion.generator import Generator
 from dfml_bench.inversion.pixels import CropFlip, Normalisation
 from dfml_bench.inversion.pool import PseudoImagePool
 from dfml_bench.inversion.vectorised import StackedTeachers
+from dfml_bench.meta.adaptation import use_batch_statistics
+from dfml_bench.meta.maml import maml_outer_loss
 from dfml_bench.methods import create_method
 from dfml_bench.methods.free import (
     Recovery,
@@ -25,10 +27,8 @@ from dfml_bench.methods.free import (
     meta_generator_step,
     recover_task,
 )
-from dfml_bench.methods.maml import maml_outer_loss
 from dfml_bench.methods.purer import eci_data_step
 from dfml_bench.models import build_model
-from tests.bench.helpers import SMOKE, measure, sized
 
 STRATEGIES = ["loop", "vectorised"]
 COMPILED = "vectorised compiled"

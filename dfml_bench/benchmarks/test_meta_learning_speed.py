@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dfml_bench.benchmarks.helpers import measure, random_dataset, sized
 from dfml_bench.data.task import Task
-from dfml_bench.evaluation.adaptation import parameters_of, use_batch_statistics
 from dfml_bench.evaluation.harness import EvaluationSettings, evaluate
-from dfml_bench.methods.maml import maml_outer_loss
+from dfml_bench.meta.adaptation import parameters_of, use_batch_statistics
+from dfml_bench.meta.maml import maml_outer_loss
 from dfml_bench.models import build_model
-from tests.bench.helpers import measure, random_dataset, sized
 
 
 def _task(ways: int, shots: int, queries: int, device: torch.device, seed: int) -> Task:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,31 +21,42 @@ from torch.overrides import TorchFunctionMode
 
 from dfml_bench.data.task import Task, stack_tasks
 from dfml_bench.device import vmap_layout, vmap_layouts
-from dfml_bench.evaluation.adaptation import TaskBatching, batches_tasks, functional_adapt
+from dfml_bench.meta.adaptation import (
+    Params,
+    TaskBatching,
+    batches_tasks,
+    functional_adapt,
+    inner_adapt,
+)
 
-Params = dict[str, torch.Tensor]
 Reduction = Literal["mean", "sum"]
 
 
-def inner_adapt(
+class InnerLoopSettings(Protocol):
+    """What a method's settings say about its MAML inner loop."""
+
+    inner_steps: int
+    inner_lr: float
+    second_order: bool
+
+
+def meta_batch_loss(
     model: nn.Module,
-    params: Params,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    steps: int,
-    lr: float,
-    second_order: bool,
-) -> Params:
-    """`steps` SGD steps on the support loss; with `second_order` the graph through them is kept,
-    so the outer loss differentiates through the adaptation (and into the support images)."""
-    for _ in range(steps):
-        loss = F.cross_entropy(functional_call(model, params, (images,)), labels)
-        gradients = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
-        params = {
-            name: value - lr * gradient
-            for (name, value), gradient in zip(params.items(), gradients)
-        }
-    return params
+    tasks: list[Task],
+    settings: InnerLoopSettings,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, float]:
+    """`maml_outer_loss` from the model's own parameters, with a method's inner-loop settings
+    (the step PURER, FREE's replay and the oracle share)."""
+    return maml_outer_loss(
+        model,
+        dict(model.named_parameters()),
+        tasks,
+        settings.inner_steps,
+        settings.inner_lr,
+        settings.second_order,
+        reduction=reduction,
+    )
 
 
 def maml_outer_loss(

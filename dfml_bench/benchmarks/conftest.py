@@ -1,5 +1,7 @@
-"""Benchmark suite (pytest-benchmark). Run with `pytest tests/bench --benchmark-only` (the plain
-test command skips benchmarks) or `dfml-bench bench`, which also writes results/bench/bench.md.
+"""Benchmark suite (pytest-benchmark), shipped with the package. Run it with `dfml-bench bench`
+(needs `pip install 'dfml-bench[bench]'`), which also writes results/bench/bench.md, or from a
+checkout with `pytest --benchmark-only` (testpaths include this folder; the plain `pytest` skips
+benchmarks) or `pytest dfml_bench/benchmarks --benchmark-only`.
 Environment: DFML_BENCH_DEVICE (auto|cpu|cuda); DFML_BENCH_SMOKE=1 for small sizes and one round
 (what CI runs, to check the code paths).
 """

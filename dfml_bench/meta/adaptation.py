@@ -1,7 +1,10 @@
-"""Fine-tuning a meta-model on a support set: the MAML inner loop, written with torch.func.
+"""Fine-tuning a meta-model on a support set: the MAML inner loop that meta-training (every
+method's outer loop) and meta-testing (the harness) share.
 
-Two strategies give the same adapted parameters (up to float rounding): `finetune` adapts one task
-with plain autograd, `finetune_batched` adapts a stack of tasks in one `torch.func.vmap` call.
+`inner_adapt` keeps the graph through its steps for an outer loss; `finetune` is the same steps
+as constants (meta-test). Two strategies give the same adapted parameters (up to float rounding):
+`finetune` adapts one task with plain autograd, `finetune_batched` adapts a stack of tasks in one
+`torch.func.vmap` call.
 `batches_tasks` picks one per device: on CPU vmap's grouped convolutions run ~2.6x slower than a
 task-by-task loop, on an H100 the vmapped call is ~70x faster than the loop.
 """
@@ -49,6 +52,27 @@ def batches_tasks(choice: TaskBatching, device: torch.device | str) -> bool:
     return choice == "batched"
 
 
+def inner_adapt(
+    model: nn.Module,
+    params: Params,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    lr: float,
+    second_order: bool,
+) -> Params:
+    """`steps` SGD steps on the support loss; with `second_order` the graph through them is kept,
+    so the outer loss differentiates through the adaptation (and into the support images)."""
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(model, params, (images,)), labels)
+        gradients = torch.autograd.grad(loss, list(params.values()), create_graph=second_order)
+        params = {
+            name: value - lr * gradient
+            for (name, value), gradient in zip(params.items(), gradients)
+        }
+    return params
+
+
 def finetune(
     model: nn.Module,
     params: Params,
@@ -57,19 +81,13 @@ def finetune(
     steps: int,
     lr: float,
 ) -> Params:
-    """`steps` full-batch SGD steps on cross-entropy from `params` (first order: no outer graph).
+    """`steps` full-batch SGD steps on cross-entropy from `params`, detached (no outer graph).
 
     Plain autograd on `functional_call`: on CPU it is ~10x faster than `torch.func.grad` here.
     """
-    names = list(params)
-    current = [params[name].detach().requires_grad_() for name in names]
-    for _ in range(steps):
-        logits = functional_call(model, dict(zip(names, current)), (images,))
-        gradients = torch.autograd.grad(F.cross_entropy(logits, labels), current)
-        with torch.no_grad():
-            current = [value - lr * gradient for value, gradient in zip(current, gradients)]
-        current = [value.requires_grad_() for value in current]
-    return {name: value.detach() for name, value in zip(names, current)}
+    start = {name: value.detach().requires_grad_() for name, value in params.items()}
+    adapted = inner_adapt(model, start, images, labels, steps, lr, second_order=False)
+    return {name: value.detach() for name, value in adapted.items()}
 
 
 def functional_adapt(
