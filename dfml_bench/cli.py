@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="run the pytest-benchmark suite; JSON and a Markdown table to results/bench"
     )
-    bench.add_argument("--out", default="results/bench")
+    bench.add_argument("--out", default=ResultsLayout().bench)
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--label", help="JSON name: bench-LABEL.json (default: the device type)")
     bench.add_argument("--select", help="pytest -k expression: run only matching benchmarks")
